@@ -1,0 +1,69 @@
+"""The Context passes meet in: model, graph, data, scores, measurements and the run directory."""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mmprune.graph import ModelGraph
+from mmprune.models.base import Adapter
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Context:
+    adapter: Adapter
+    graph: ModelGraph
+    data: datasets.DatasetDict
+    task: str
+    seed: int = 0
+    run_dir: Path | None = None
+    facts: set[str] = field(default_factory=set)
+    #: fact name (e.g. 'scores.params') -> group id -> per-unit tensor
+    scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    #: measurements taken by evaluate passes, in order
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    #: JSON-able facts passes leave for later passes and the report (e.g. quantization settings)
+    state: dict[str, Any] = field(default_factory=dict)
+    show_progress: bool = True
+
+    @property
+    def model(self) -> nn.Module:
+        return self.adapter.model
+
+    def examples(self, split: str, max_examples: int | None = None) -> datasets.Dataset:
+        if split not in self.data:
+            raise KeyError(f"the data has no split '{split}' (has: {', '.join(self.data)})")
+        ds = self.data[split]
+        return ds.select(range(min(max_examples, len(ds)))) if max_examples else ds
+
+    def batches(self, split: str, batch_size: int, *, max_examples: int | None = None,
+                shuffle: bool = False, seed: int | None = None,
+                drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Collated batches of a split; shuffled deterministically from `seed` when asked."""
+        ds = self.examples(split, max_examples)
+        order = np.arange(len(ds))
+        if shuffle:
+            order = np.random.default_rng(self.seed if seed is None else seed).permutation(len(ds))
+        stop = len(ds) - (len(ds) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            rows = ds[order[start:start + batch_size].tolist()]
+            examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
+            yield self.adapter.collate(examples)
+
+    def progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
+        return tqdm(iterable, desc=desc, total=total, leave=False, disable=not self.show_progress,
+                    dynamic_ncols=True)

@@ -1,0 +1,81 @@
+"""Analytic cost model: FLOPs and parameters as functions of kept heads, channels and tokens.
+
+FLOPs = 2 × multiply-accumulates of every matmul and convolution (what
+torch.utils.flop_counter counts): per self-attention layer with N tokens, width D and H kept heads
+of size d: 8·N·D·H·d + 4·N²·H·d; per MLP with m kept channels: 4·N·D·m. Norms, softmax and
+activations are not counted.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mmprune.graph.units import ChannelGroup, HeadGroup, UnitGroup
+from mmprune.models.base import TowerSpec
+
+
+def attention_flops(tokens: float, hidden: int, heads: int, head_dim: int) -> float:
+    return 8 * tokens * hidden * heads * head_dim + 4 * tokens ** 2 * heads * head_dim
+
+
+def mlp_flops(tokens: float, hidden: int, channels: int, n_in: int = 1) -> float:
+    return 2 * (n_in + 1) * tokens * hidden * channels
+
+
+@dataclass
+class CostModel:
+    groups: Mapping[str, UnitGroup]
+    towers: Mapping[str, TowerSpec]
+    unit_params: Mapping[str, int]     # group id -> parameters of one unit
+    fixed_params: int                  # parameters outside every unit
+    tokens: dict[str, float]           # default tokens per example, per tower
+
+    def group_flops(self, group: UnitGroup, size: int | None = None,
+                    tokens: Mapping[str, float] | None = None) -> float:
+        n = (tokens or self.tokens)[group.tower]
+        d = self.towers[group.tower].hidden_size
+        size = group.size if size is None else size
+        if isinstance(group, HeadGroup):
+            return attention_flops(n, d, size, group.site.head_dim)
+        return mlp_flops(n, d, size, len(group.site.fc_in))
+
+    def unit_flops(self, group: UnitGroup, tokens: Mapping[str, float] | None = None) -> float:
+        """FLOPs one unit of `group` costs per example."""
+        return self.group_flops(group, 1, tokens)
+
+    def flops(self, tokens: Mapping[str, float] | None = None,
+              sizes: Mapping[str, int] | None = None, tower: str | None = None) -> float:
+        """Per-example FLOPs with the current structure, or with `sizes` (group id -> kept units)."""
+        total = sum(t.extra_flops for name, t in self.towers.items() if tower in (None, name))
+        for gid, g in self.groups.items():
+            if tower in (None, g.tower):
+                total += self.group_flops(g, None if sizes is None else sizes.get(gid, g.size), tokens)
+        return float(total)
+
+    def params(self, sizes: Mapping[str, int] | None = None) -> int:
+        return self.fixed_params + sum(
+            self.unit_params[gid] * (g.size if sizes is None else sizes.get(gid, g.size))
+            for gid, g in self.groups.items())
+
+    def breakdown(self, tokens: Mapping[str, float] | None = None) -> dict[str, float]:
+        return {name: self.flops(tokens, tower=name) for name in self.towers}
+
+
+def unit_param_count(model, group: UnitGroup) -> int:
+    """Parameters removed with one unit of `group`, read off the live modules."""
+    root = model.get_submodule(group.site.path)
+    if isinstance(group, HeadGroup):
+        d = group.site.head_dim
+        per_head = 0
+        for name in (group.site.q, group.site.k, group.site.v):
+            lin = getattr(root, name)
+            per_head += d * lin.in_features + (d if lin.bias is not None else 0)
+        per_head += d * getattr(root, group.site.o).out_features
+        return per_head
+    assert isinstance(group, ChannelGroup)
+    per = 0
+    for name in group.site.fc_in:
+        lin = getattr(root, name)
+        per += lin.in_features + (1 if lin.bias is not None else 0)
+    per += getattr(root, group.site.fc_out).out_features
+    return per

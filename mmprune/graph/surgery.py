@@ -1,0 +1,80 @@
+"""Physical removal of heads and channels through torch-pruning, with the fixes HF models need.
+
+torch-pruning finds every layer coupled to a pruned channel, but it knows nothing of heads: given
+arbitrary channel indices it would happily cut half a head. So indices are always expanded from
+whole heads here. It also leaves HF module attributes (num_heads, embed_dim) stale; the adapter
+updates them. Where the dependency graph misses a layer that belongs to the unit (it does for
+rotary-embedded LLaMA q/k, upstream issue #527), the missing layer is pruned directly with the
+same indices, so removal stays exact.
+"""
+from __future__ import annotations
+
+import torch_pruning as tp
+from torch import nn
+
+from mmprune.errors import MMPruneError
+from mmprune.graph.model_graph import ModelGraph
+from mmprune.graph.units import HeadGroup, UnitGroup
+
+
+class SurgeryError(MMPruneError):
+    pass
+
+
+def _expected(graph: ModelGraph, group: UnitGroup) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(modules whose out-channels the unit owns, modules whose in-channels it owns)."""
+    root = graph.adapter.module(group.site.path)
+    if isinstance(group, HeadGroup):
+        s = group.site
+        return [getattr(root, s.q), getattr(root, s.k), getattr(root, s.v)], [getattr(root, s.o)]
+    return [getattr(root, n) for n in group.site.fc_in], [getattr(root, group.site.fc_out)]
+
+
+def remove_units(graph: ModelGraph, group: UnitGroup, positions: list[int]) -> None:
+    """Remove the units at current `positions` of `group` from the model, physically."""
+    positions = sorted(set(int(p) for p in positions))
+    if not positions:
+        return
+    if positions[-1] >= group.size or positions[0] < 0:
+        raise SurgeryError(f"{group.id}: unit positions {positions} outside 0..{group.size - 1}")
+    if len(positions) >= group.size:
+        raise SurgeryError(f"{group.id}: refusing to remove every unit of the module")
+    outs, ins = _expected(graph, group)
+    idxs = group.channels(positions)
+    dg = graph.dependency_graph()
+    pg = dg.get_pruning_group(outs[0], tp.prune_linear_out_channels, idxs=idxs)
+    touched = {(dep.target.module, dep.handler.__name__ if hasattr(dep.handler, "__name__")
+                else type(dep.handler).__name__) for dep, _ in pg}
+    touched_modules = {m for m, _ in touched if isinstance(m, nn.Module)}
+    allowed = set(outs) | set(ins)
+    stray = [m for m in touched_modules
+             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm)) and m not in allowed]
+    if stray:
+        raise SurgeryError(f"{group.id}: torch-pruning couples modules outside the unit "
+                           f"({', '.join(type(m).__name__ for m in stray)}); the adapter must "
+                           "describe this architecture differently")
+    pg.prune()
+    # Layers the dependency graph did not reach are pruned directly with the same indices.
+    for m in outs:
+        if m not in touched_modules:
+            tp.prune_linear_out_channels(m, idxs)
+    for m in ins:
+        if m not in touched_modules:
+            tp.prune_linear_in_channels(m, idxs)
+    drop = set(positions)
+    group.kept = [k for i, k in enumerate(group.kept) if i not in drop]
+    if isinstance(group, HeadGroup):
+        graph.adapter.set_num_heads(group.site, group.size)
+    else:
+        graph.adapter.set_mlp_width(group.site, group.size)
+    if group.id in graph.nx:
+        graph.nx.nodes[group.id]["size"] = group.size
+
+
+def keep_units(graph: ModelGraph, group: UnitGroup, original: list[int]) -> None:
+    """Shrink `group` to the given original indices (used when rebuilding a saved structure)."""
+    keep = set(original)
+    missing = keep - set(group.kept)
+    if missing:
+        raise SurgeryError(f"{group.id}: cannot keep units {sorted(missing)} that were removed")
+    remove_units(graph, group, [i for i, k in enumerate(group.kept) if k not in keep])

@@ -1,0 +1,87 @@
+"""Measurements a report shows: task metrics, FLOPs per example, parameters, size, latency."""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from mmprune import quant
+from mmprune.context import Context
+from mmprune.models.base import Adapter
+from mmprune.recipe import EvaluationSpec
+
+
+def flops_over_split(ctx: Context, split: str, batch_size: int,
+                     max_examples: int | None = None) -> dict[str, float]:
+    """Analytic FLOPs per example with each example's real token counts: mean, p5, p95."""
+    per_example = []
+    for batch in ctx.batches(split, batch_size, max_examples=max_examples):
+        counts = ctx.adapter.tokens_per_example(batch)
+        towers = list(counts)
+        for i in range(len(counts[towers[0]])):
+            per_example.append(ctx.graph.cost.flops({t: float(counts[t][i]) for t in towers}))
+    arr = np.asarray(per_example)
+    return {"mean": float(arr.mean()), "p5": float(np.percentile(arr, 5)),
+            "p95": float(np.percentile(arr, 95))}
+
+
+def size_bytes(adapter: Adapter) -> int:
+    """Bytes of the weights as exported (int8 layers counted as int8)."""
+    return sum(t.numel() * t.element_size() for t in quant.state_tensors(adapter.model).values())
+
+
+def param_count(ctx: Context) -> int:
+    return int(ctx.graph.cost.params())
+
+
+def latency_batch(ctx: Context, spec: EvaluationSpec) -> dict[str, torch.Tensor]:
+    """A batch of `latency_batch_size` examples from the evaluation split (cycled if short)."""
+    ds = ctx.examples(spec.split)
+    idx = [i % len(ds) for i in range(spec.latency_batch_size)]
+    rows = ds[idx]
+    return ctx.adapter.collate([dict(zip(rows, v)) for v in zip(*rows.values())])
+
+
+@torch.inference_mode()
+def latencies_ms(adapters: Sequence[Adapter], batch: dict[str, torch.Tensor],
+                 spec: EvaluationSpec) -> list[float]:
+    """Median forward latency of each adapter's model, timed interleaved so load drifts hit all."""
+    threads = torch.get_num_threads()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    try:
+        for a in adapters:
+            a.model.eval()
+            for _ in range(spec.latency_warmup):
+                a.forward(batch)
+        times: list[list[float]] = [[] for _ in adapters]
+        for _ in range(spec.latency_repeats):
+            for i, a in enumerate(adapters):
+                t0 = time.perf_counter()
+                a.forward(batch)
+                times[i].append((time.perf_counter() - t0) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    return [statistics.median(t) for t in times]
+
+
+def measure(ctx: Context, spec: EvaluationSpec, *, with_latency: bool = True) -> dict:
+    """Task metrics on `spec.split` plus FLOPs, params, size and (optionally) latency."""
+    ctx.model.eval()
+    total = len(ctx.examples(spec.split, spec.max_examples))
+    n_batches = -(-total // spec.batch_size)
+    batches = ctx.progress(ctx.batches(spec.split, spec.batch_size, max_examples=spec.max_examples),
+                           f"evaluate[{spec.split}]", total=n_batches)
+    with torch.inference_mode():
+        metrics = ctx.adapter.evaluate(batches, ctx.task)
+    flops = flops_over_split(ctx, spec.split, spec.batch_size, spec.max_examples)
+    out = {"split": spec.split, "examples": total, "metrics": metrics,
+           "flops": flops["mean"], "flops_p5": flops["p5"], "flops_p95": flops["p95"],
+           "flops_by_tower": ctx.graph.cost.breakdown(), "params": param_count(ctx),
+           "size_bytes": size_bytes(ctx.adapter), "latency_ms": None}
+    if with_latency:
+        out["latency_ms"] = latencies_ms([ctx.adapter], latency_batch(ctx, spec), spec)[0]
+    return out

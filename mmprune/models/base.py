@@ -1,0 +1,144 @@
+"""The model adapter contract: all per-architecture knowledge lives behind it.
+
+Everything else in mmprune (graph, cost model, passes) is written once against this description:
+where the towers, attention and MLP modules are, which tokens are protected, how to compute the
+task loss and the task metrics, and how to fix module attributes after structure is removed.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One multi-head attention module: its heads are pruned as whole units."""
+
+    tower: str
+    layer: int
+    path: str            # module path of the attention module
+    q: str               # child names of the projections
+    k: str
+    v: str
+    o: str
+    num_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class MLPSite:
+    """One feed-forward module: its hidden channels are pruned as units."""
+
+    tower: str
+    layer: int
+    path: str
+    fc_in: tuple[str, ...]   # Linear(s) producing the hidden channels (out-channel pruned)
+    fc_out: str              # Linear consuming them (in-channel pruned)
+    width: int
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """Per-tower facts the cost model needs beyond its blocks."""
+
+    name: str
+    hidden_size: int
+    extra_flops: float       # per-example FLOPs outside the blocks (patch embedding, projections)
+
+
+@dataclass(frozen=True)
+class TokenSiteSpec:
+    """A place where a tower's tokens could be pruned (BLOCK_MID of a layer) and what is protected."""
+
+    tower: str
+    layer: int
+    protected: tuple[str, ...]
+
+
+class Adapter:
+    """Knows one model family. Subclasses set `name`, `model_types`, `model_class`, `tasks`."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]] = ()
+    model_class: ClassVar[type[nn.Module]]
+    tasks: ClassVar[tuple[str, ...]] = ()
+    #: The metric the report leads with, per task.
+    headline_metric: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # ---- construction
+    @classmethod
+    def tiny_model(cls, seed: int, overrides: dict | None = None) -> nn.Module:
+        """A small randomly initialised model of this family, built from a config (no download)."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny model")
+
+    # ---- structure
+    def attention_sites(self) -> list[AttentionSite]:
+        raise NotImplementedError
+
+    def mlp_sites(self) -> list[MLPSite]:
+        raise NotImplementedError
+
+    def token_sites(self) -> list[TokenSiteSpec]:
+        return []
+
+    def towers(self) -> list[TowerSpec]:
+        raise NotImplementedError
+
+    def example_inputs(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def set_num_heads(self, site: AttentionSite, num_heads: int) -> None:
+        """Update module attributes after heads were removed physically."""
+        raise NotImplementedError
+
+    def set_mlp_width(self, site: MLPSite, width: int) -> None:
+        """Update module attributes after MLP channels were removed physically."""
+
+    # ---- data and task
+    def input_spec(self) -> dict[str, Any]:
+        """Shapes and vocabulary the data must match (image size, vocab size, text length)."""
+        raise NotImplementedError
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def tokens_per_example(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tokens each example sends through each tower, [B] per tower (padding not counted)."""
+        raise NotImplementedError
+
+    def task_loss(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        """The inference forward whose latency is reported."""
+        return self.model(**batch)
+
+    # ---- helpers
+    def module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)
+
+    def parameters_of(self, path: str) -> Iterator[nn.Parameter]:
+        return self.module(path).parameters()
+
+
+def check_adapter_class(cls: object) -> list[str]:
+    if not isinstance(cls, type) or not issubclass(cls, Adapter):
+        return [f"{cls!r} is not a subclass of mmprune.models.base.Adapter"]
+    problems = []
+    if not isinstance(getattr(cls, "name", None), str):
+        problems.append(f"{cls.__qualname__}.name must be a string")
+    if not cls.model_types:
+        problems.append(f"{cls.__qualname__}.model_types must list the HF model_type values it handles")
+    if not isinstance(getattr(cls, "model_class", None), type):
+        problems.append(f"{cls.__qualname__}.model_class must be the transformers model class")
+    return problems

@@ -1,0 +1,150 @@
+"""Adapter for HF `CLIPModel`: a ViT image tower and a causal text transformer, contrastive task."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPModel
+
+from mmprune.models.base import Adapter, AttentionSite, MLPSite, TokenSiteSpec, TowerSpec
+
+TOWER_PATHS = {"vision": "vision_model", "language": "text_model"}
+
+TINY_CONFIG = dict(
+    text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=32, bos_token_id=254,
+                     eos_token_id=255, pad_token_id=0),
+    vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, image_size=32, patch_size=8),
+    projection_dim=32,
+)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def recall_at_k(sim: torch.Tensor, k: int) -> float:
+    """Share of rows whose matching column (the diagonal) ranks in the top k."""
+    target = sim.diagonal().unsqueeze(1)
+    rank = (sim > target).sum(dim=1)  # ties resolved in the model's favour
+    return float((rank < k).float().mean() * 100)
+
+
+class CLIPAdapter(Adapter):
+    name = "clip"
+    model_types = ("clip",)
+    model_class = CLIPModel
+    tasks = ("retrieval",)
+    headline_metric = {"retrieval": "r1_mean"}
+
+    @classmethod
+    def tiny_model(cls, seed: int, overrides: dict | None = None) -> CLIPModel:
+        torch.manual_seed(seed)
+        config = CLIPConfig(**_merge(TINY_CONFIG, overrides or {}))
+        return CLIPModel(config).eval()
+
+    # ---- structure
+    def _layers(self, tower: str):
+        return getattr(self.model, TOWER_PATHS[tower]).encoder.layers
+
+    def attention_sites(self) -> list[AttentionSite]:
+        sites = []
+        for tower, root in TOWER_PATHS.items():
+            for i, layer in enumerate(self._layers(tower)):
+                att = layer.self_attn
+                sites.append(AttentionSite(tower, i, f"{root}.encoder.layers.{i}.self_attn",
+                                           "q_proj", "k_proj", "v_proj", "out_proj",
+                                           att.num_heads, att.head_dim))
+        return sites
+
+    def mlp_sites(self) -> list[MLPSite]:
+        return [MLPSite(tower, i, f"{root}.encoder.layers.{i}.mlp", ("fc1",), "fc2",
+                        layer.mlp.fc1.out_features)
+                for tower, root in TOWER_PATHS.items()
+                for i, layer in enumerate(self._layers(tower))]
+
+    def token_sites(self) -> list[TokenSiteSpec]:
+        protected = {"vision": ("cls",), "language": ("sot", "eot")}
+        return [TokenSiteSpec(tower, i, protected[tower])
+                for tower in TOWER_PATHS for i in range(len(self._layers(tower)))]
+
+    def towers(self) -> list[TowerSpec]:
+        vcfg, tcfg = self.model.config.vision_config, self.model.config.text_config
+        patches = (vcfg.image_size // vcfg.patch_size) ** 2
+        patch_embed = 2 * patches * vcfg.hidden_size * vcfg.num_channels * vcfg.patch_size ** 2
+        proj = self.model.config.projection_dim
+        return [TowerSpec("vision", vcfg.hidden_size, patch_embed + 2 * vcfg.hidden_size * proj),
+                TowerSpec("language", tcfg.hidden_size, 2 * tcfg.hidden_size * proj)]
+
+    def set_num_heads(self, site: AttentionSite, num_heads: int) -> None:
+        att = self.module(site.path)
+        att.num_heads = num_heads
+        att.embed_dim = num_heads * att.head_dim  # attention width; the residual width is unchanged
+
+    # ---- data and task
+    def input_spec(self) -> dict:
+        vcfg, tcfg = self.model.config.vision_config, self.model.config.text_config
+        return dict(image_size=vcfg.image_size, num_channels=vcfg.num_channels,
+                    vocab_size=tcfg.vocab_size, max_text_len=tcfg.max_position_embeddings,
+                    bos_token_id=tcfg.bos_token_id, eos_token_id=tcfg.eos_token_id,
+                    pad_token_id=tcfg.pad_token_id)
+
+    def example_inputs(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
+        spec = self.input_spec()
+        g = torch.Generator().manual_seed(0)
+        n = min(8, spec["max_text_len"])
+        ids = torch.randint(1, spec["vocab_size"] - 2, (batch_size, n), generator=g)
+        ids[:, 0], ids[:, -1] = spec["bos_token_id"], spec["eos_token_id"]
+        px = torch.randn(batch_size, spec["num_channels"], spec["image_size"], spec["image_size"],
+                         generator=g)
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px)
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        pad = self.model.config.text_config.pad_token_id or 0
+        longest = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), longest), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.as_tensor(e["input_ids"])
+            mask[i, :n] = 1
+        px = torch.stack([torch.as_tensor(e["pixel_values"], dtype=torch.float32) for e in examples])
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=px)
+
+    def tokens_per_example(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        vcfg = self.model.config.vision_config
+        b = batch["pixel_values"].shape[0]
+        vision = torch.full((b,), (vcfg.image_size // vcfg.patch_size) ** 2 + 1, dtype=torch.float64)
+        return {"vision": vision, "language": batch["attention_mask"].sum(1).double()}
+
+    def task_loss(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        out = self.model(**batch)
+        labels = torch.arange(out.logits_per_text.shape[0])
+        return (F.cross_entropy(out.logits_per_text, labels)
+                + F.cross_entropy(out.logits_per_image, labels)) / 2
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:
+        img, txt = [], []
+        for batch in batches:
+            img.append(F.normalize(self._features(self.model.get_image_features,
+                                                  pixel_values=batch["pixel_values"]), dim=-1))
+            txt.append(F.normalize(self._features(self.model.get_text_features,
+                                                  input_ids=batch["input_ids"],
+                                                  attention_mask=batch["attention_mask"]), dim=-1))
+        sim = torch.cat(img) @ torch.cat(txt).T
+        m = {"i2t_r1": recall_at_k(sim, 1), "i2t_r5": recall_at_k(sim, 5),
+             "t2i_r1": recall_at_k(sim.T, 1), "t2i_r5": recall_at_k(sim.T, 5)}
+        m["r1_mean"] = (m["i2t_r1"] + m["t2i_r1"]) / 2
+        return m
+
+    @staticmethod
+    def _features(fn, **inputs) -> torch.Tensor:
+        out = fn(**inputs)
+        # transformers 5 returns a model output whose pooler_output is the projected embedding
+        return out if isinstance(out, torch.Tensor) else out.pooler_output

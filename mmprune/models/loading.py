@@ -1,0 +1,58 @@
+"""Resolve a recipe's `model:` reference to a loaded model and its adapter."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mmprune.errors import ModelLoadError, did_you_mean
+from mmprune.models.base import Adapter
+from mmprune.plugins.manager import Registry
+from mmprune.saved import Bundle, is_saved_model, load_bundle
+
+
+def adapter_for(model_type: str, registry: Registry) -> type[Adapter]:
+    for cls in registry.models.values():
+        if model_type in cls.model_types:
+            return cls
+    known = sorted(t for c in registry.models.values() for t in c.model_types)
+    raise ModelLoadError(f"no adapter handles model_type '{model_type}'. Supported: {', '.join(known)}.")
+
+
+def _from_pretrained(location: str, registry: Registry, attn: str, what: str):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except OSError as exc:
+        if not Path(location).exists():
+            raise ModelLoadError(
+                f"{what} '{location}' is neither a local directory nor reachable on the model hub "
+                f"(this machine may be offline: {str(exc).splitlines()[0]}). Download it where the "
+                "hub is reachable, then use `model: {path: <dir>}`.") from None
+        raise ModelLoadError(f"{what} '{location}' has no readable config.json: "
+                             f"{str(exc).splitlines()[0]}") from None
+    cls = adapter_for(config.model_type, registry)
+    model = cls.model_class.from_pretrained(location, attn_implementation=attn).eval()
+    return cls(model)
+
+
+def load_model(spec, registry: Registry, seed: int) -> tuple[Adapter, Bundle | None]:
+    """The adapter around the model a ModelSpec names; a Bundle too when it is an mmprune export."""
+    kind, value = spec.source
+    if kind == "tiny":
+        if value not in registry.models:
+            raise ModelLoadError(f"no tiny model for family '{value}'." + did_you_mean(value, registry.models))
+        cls = registry.models[value]
+        model = cls.tiny_model(seed)
+        model.set_attn_implementation(spec.attn_implementation)
+        return cls(model), None
+    if kind == "path":
+        if not os.path.isdir(value):
+            raise ModelLoadError(f"model path '{value}' does not exist or is not a directory.")
+        if is_saved_model(value):
+            bundle = load_bundle(value, registry)
+            return bundle.adapter, bundle
+        return _from_pretrained(value, registry, spec.attn_implementation, "model path"), None
+    if kind == "hf":
+        return _from_pretrained(value, registry, spec.attn_implementation, "model"), None
+    raise ModelLoadError(f"unknown model source {kind!r}.")

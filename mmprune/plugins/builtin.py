@@ -1,0 +1,29 @@
+"""The built-in plugin: mmprune's own passes, adapters and datasets, registered like any plugin's."""
+from __future__ import annotations
+
+from mmprune.plugins.hookspecs import hookimpl
+
+
+@hookimpl
+def mmprune_passes() -> list[type]:
+    from mmprune.passes.evaluate import Evaluate
+    from mmprune.passes.export import Export
+    from mmprune.passes.quantize import Quantize
+    from mmprune.passes.scoring import ScoreMagnitude, ScoreTaylor
+    from mmprune.passes.structured import PruneStructured
+
+    return [ScoreMagnitude, ScoreTaylor, PruneStructured, Quantize, Evaluate, Export]
+
+
+@hookimpl
+def mmprune_models() -> list[type]:
+    from mmprune.models.clip import CLIPAdapter
+
+    return [CLIPAdapter]
+
+
+@hookimpl
+def mmprune_datasets() -> list[type]:
+    from mmprune.data.synthetic import SyntheticSource
+
+    return [SyntheticSource]

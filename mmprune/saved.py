@@ -1,0 +1,105 @@
+"""The saved-model format: safetensors weights + HF config + `mmprune.json` structure spec.
+
+HF configs cannot express per-layer widths, so `mmprune.json` records, per unit group, which
+original heads / channels are kept, the token-pruning policy and the quantization. `load(dir)`
+rebuilds the model from the config, re-applies that structure, quantizes the same layers and loads
+the weights. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmprune import quant
+from mmprune.errors import ModelLoadError
+from mmprune.graph import ModelGraph, keep_units, trace
+from mmprune.models.base import Adapter
+
+SPEC_FILE = "mmprune.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Bundle:
+    """A loaded model with its adapter, traced graph and the spec it was saved with."""
+
+    adapter: Adapter
+    graph: ModelGraph
+    spec: dict[str, Any]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.adapter.model
+
+
+def save(directory: str | Path, adapter: Adapter, graph: ModelGraph,
+         token_policy: dict | None = None) -> Path:
+    """Write `adapter.model` with its structure to `directory` (created; files replaced)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = adapter.model
+    qnames = quant.quantized_names(model)
+    spec = {
+        "format": "mmprune", "version": FORMAT_VERSION,
+        "adapter": adapter.name, "model_class": type(model).__name__,
+        "attn_implementation": model.config._attn_implementation,
+        "structure": graph.structure(),
+        "tokens_per_example": graph.cost.tokens,
+        "token_policy": token_policy,
+        "quantization": {"scheme": quant.SCHEME, "modules": qnames} if qnames else None,
+    }
+    model.config.save_pretrained(directory)
+    save_file(quant.state_tensors(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    return directory
+
+
+def is_saved_model(directory: str | Path) -> bool:
+    return (Path(directory) / SPEC_FILE).is_file()
+
+
+def load_bundle(directory: str | Path, registry=None) -> Bundle:
+    from mmprune.plugins.manager import get_registry
+
+    directory = Path(directory)
+    if not is_saved_model(directory):
+        raise ModelLoadError(f"{directory} is not an mmprune export: {SPEC_FILE} is missing.")
+    spec = json.loads((directory / SPEC_FILE).read_text())
+    if spec.get("format") != "mmprune" or spec.get("version") != FORMAT_VERSION:
+        raise ModelLoadError(f"{directory / SPEC_FILE}: unsupported format {spec.get('format')!r} "
+                             f"version {spec.get('version')!r} (this mmprune reads version {FORMAT_VERSION}).")
+    registry = registry or get_registry()
+    if spec["adapter"] not in registry.models:
+        raise ModelLoadError(f"{directory}: saved with adapter '{spec['adapter']}', which no installed "
+                             f"plugin provides (installed: {', '.join(sorted(registry.models))}).")
+    cls = registry.models[spec["adapter"]]
+    config = cls.model_class.config_class.from_pretrained(directory)
+    config._attn_implementation = spec.get("attn_implementation", "sdpa")
+    model = cls.model_class(config).eval()
+    adapter = cls(model)
+    graph = trace(adapter, tokens=spec.get("tokens_per_example"))
+    for gid, entry in spec["structure"].items():
+        if gid not in graph.groups:
+            raise ModelLoadError(f"{directory / SPEC_FILE}: unit group '{gid}' does not exist in the model.")
+        group = graph.groups[gid]
+        if entry["total"] != group.total:
+            raise ModelLoadError(f"{directory / SPEC_FILE}: '{gid}' has {group.total} units in the "
+                                 f"config but the spec says {entry['total']}.")
+        keep_units(graph, group, entry["kept"])
+    if spec.get("quantization"):
+        quant.quantize_linears(model, spec["quantization"]["modules"])
+    quant.load_state_tensors(model, load_file(str(directory / WEIGHTS_FILE)))
+    model.eval()
+    return Bundle(adapter, graph, spec)
+
+
+def load(directory: str | Path) -> nn.Module:
+    """Rebuild a runnable model from an mmprune export directory (no pickles are loaded)."""
+    return load_bundle(directory).model
