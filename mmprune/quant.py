@@ -53,9 +53,8 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_state_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Inverse of `state_tensors` for a model already quantized with the same layer names."""
-    qnames = quantized_names(model)
+def load_state_tensors(model: nn.Module, state: dict[str, torch.Tensor], qnames: list[str]) -> None:
+    """Inverse of `state_tensors` on a float model: load, quantize the layers `qnames`, set int8."""
     prefixes = tuple(n + "." for n in qnames)
     plain = {k: v for k, v in state.items() if not k.startswith(prefixes)}
     missing, unexpected = model.load_state_dict(plain, strict=False)
@@ -63,6 +62,9 @@ def load_state_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     if missing or unexpected:
         raise ValueError(f"saved weights do not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+    if not qnames:
+        return
+    quantize_linears(model, qnames)
     for n in qnames:
         m = model.get_submodule(n)
         q = state[f"{n}.qweight"]

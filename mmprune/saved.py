@@ -93,9 +93,11 @@ def load_bundle(directory: str | Path, registry=None) -> Bundle:
             raise ModelLoadError(f"{directory / SPEC_FILE}: '{gid}' has {group.total} units in the "
                                  f"config but the spec says {entry['total']}.")
         keep_units(graph, group, entry["kept"])
-    if spec.get("quantization"):
-        quant.quantize_linears(model, spec["quantization"]["modules"])
-    quant.load_state_tensors(model, load_file(str(directory / WEIGHTS_FILE)))
+    qnames = spec["quantization"]["modules"] if spec.get("quantization") else []
+    try:
+        quant.load_state_tensors(model, load_file(str(directory / WEIGHTS_FILE)), qnames)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"{directory / WEIGHTS_FILE} does not match {SPEC_FILE}: {exc}") from None
     model.eval()
     return Bundle(adapter, graph, spec)
 

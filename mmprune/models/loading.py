@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from mmprune.errors import ModelLoadError, did_you_mean
 from mmprune.models.base import Adapter
@@ -18,22 +20,48 @@ def adapter_for(model_type: str, registry: Registry) -> type[Adapter]:
     raise ModelLoadError(f"no adapter handles model_type '{model_type}'. Supported: {', '.join(known)}.")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub, so an offline machine fails in seconds, not after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_error(what: str, location: str, detail: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{what} '{location}' is neither a local directory nor reachable on the model hub "
+        f"({detail}). Download it where the hub is reachable (e.g. `huggingface-cli download "
+        f"{location} --local-dir DIR`), then use `model: {{path: DIR}}`.")
+
+
 def _from_pretrained(location: str, registry: Registry, attn: str, what: str):
     from transformers import AutoConfig
 
+    if not Path(location).exists() and not _cached(location) and not hub_reachable():
+        raise _offline_error(what, location, "this machine cannot reach the hub and has no cached copy")
     try:
         config = AutoConfig.from_pretrained(location)
     except OSError as exc:
         if not Path(location).exists():
-            raise ModelLoadError(
-                f"{what} '{location}' is neither a local directory nor reachable on the model hub "
-                f"(this machine may be offline: {str(exc).splitlines()[0]}). Download it where the "
-                "hub is reachable, then use `model: {path: <dir>}`.") from None
+            raise _offline_error(what, location, str(exc).splitlines()[0]) from None
         raise ModelLoadError(f"{what} '{location}' has no readable config.json: "
                              f"{str(exc).splitlines()[0]}") from None
     cls = adapter_for(config.model_type, registry)
     model = cls.model_class.from_pretrained(location, attn_implementation=attn).eval()
     return cls(model)
+
+
+def _cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # malformed ids and old hub versions: treat as not cached
+        return False
 
 
 def load_model(spec, registry: Registry, seed: int) -> tuple[Adapter, Bundle | None]:

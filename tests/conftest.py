@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny CLIP models built from configs, their data, and recipe writing."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mmprune.context import Context
+from mmprune.data.synthetic import SyntheticParams, SyntheticSource
+from mmprune.graph import trace
+from mmprune.models.clip import CLIPAdapter
+from mmprune.plugins.manager import get_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def registry():
+    return get_registry()
+
+
+def make_adapter(seed: int = 0, attn: str = "sdpa", **overrides) -> CLIPAdapter:
+    model = CLIPAdapter.tiny_model(seed, overrides or None)
+    model.set_attn_implementation(attn)
+    return CLIPAdapter(model)
+
+
+@pytest.fixture
+def adapter() -> CLIPAdapter:
+    return make_adapter()
+
+
+@pytest.fixture
+def ctx(adapter) -> Context:
+    data = SyntheticSource(SyntheticParams(task="retrieval", train_size=64, validation_size=32,
+                                           test_size=32), seed=0).load(adapter)
+    return Context(adapter, trace(adapter), data, "retrieval", seed=0, show_progress=False)
+
+
+def clone(adapter: CLIPAdapter) -> CLIPAdapter:
+    return CLIPAdapter(copy.deepcopy(adapter.model))
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a recipe (dict or text) to tmp_path and return its path."""
+    def write(content, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
+        return path
+    return write
+
+
+def small_recipe(out: Path, passes: list, **extra) -> dict:
+    recipe = {"model": {"tiny": "clip"},
+              "data": {"synthetic": "retrieval", "train_size": 64, "validation_size": 32, "test_size": 32},
+              "passes": passes,
+              "evaluation": {"latency_batch_size": 8, "latency_repeats": 3, "latency_warmup": 1},
+              "output": str(out), "seed": 0}
+    recipe.update(extra)
+    return recipe
+
+
+@pytest.fixture(scope="session")
+def toy_plugin_path(tmp_path_factory) -> Path:
+    """The third-party plugin package in tests/fixtures, pip-installed into a private target dir."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(FIXTURES / "toy_plugin")],
+                   check=True, capture_output=True, text=True)
+    return target
+
+
+def cli_env(*paths: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), env.get("PYTHONPATH", "")])
+    return env
