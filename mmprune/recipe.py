@@ -30,6 +30,8 @@ class ModelSpec(BaseModel):
                                              "with save_pretrained.")
     path: str | None = Field(None, description="A local model directory: an HF checkpoint or an "
                                                "mmprune export (with mmprune.json).")
+    config: dict[str, Any] | None = Field(None, description="With `tiny`: overrides of the tiny "
+                                          "model's config, e.g. {vision_config: {num_hidden_layers: 6}}.")
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="Attention kernel. 'eager' materialises attention maps (slower).")
 
@@ -39,6 +41,8 @@ class ModelSpec(BaseModel):
         if len(given) != 1:
             raise ValueError(f"give exactly one model source of {', '.join(MODEL_SOURCES)} "
                              f"(got {', '.join(given) or 'none'})")
+        if self.config is not None and self.tiny is None:
+            raise ValueError("`config` overrides apply to `tiny` models only")
         return self
 
     @property

@@ -118,3 +118,11 @@ def test_every_pass_parameter_is_documented_and_defaulted(registry):
         for field, info in cls.Params.model_fields.items():
             assert info.description, f"{name}.{field} has no description"
             assert not info.is_required(), f"{name}.{field} has no default"
+
+
+def test_config_overrides_only_for_tiny_models(write_recipe, registry):
+    err = error_of(write_recipe(GOOD.replace("tiny: clip", "path: /m\n  config: {projection_dim: 8}")), registry)
+    assert err.field == "model" and "tiny" in str(err)
+    r = load_recipe(write_recipe(GOOD.replace("tiny: clip", "tiny: clip\n  config: {projection_dim: 8}")),
+                    registry)
+    assert r.model.config == {"projection_dim": 8}

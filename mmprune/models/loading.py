@@ -71,7 +71,11 @@ def load_model(spec, registry: Registry, seed: int) -> tuple[Adapter, Bundle | N
         if value not in registry.models:
             raise ModelLoadError(f"no tiny model for family '{value}'." + did_you_mean(value, registry.models))
         cls = registry.models[value]
-        model = cls.tiny_model(seed)
+        try:
+            model = cls.tiny_model(seed, spec.config)
+        except Exception as exc:  # config validators raise several types across HF versions
+            detail = str(exc).strip().splitlines()[-1].strip()
+            raise ModelLoadError(f"tiny '{value}' model: the config overrides are invalid: {detail}") from None
         model.set_attn_implementation(spec.attn_implementation)
         return cls(model), None
     if kind == "path":
