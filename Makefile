@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-PIP_FLAGS := -q -c constraints.txt $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+# The CPU build of torch: from the machine's local wheel directory where it has one (the project
+# machines do), else from PyTorch's CPU index, so pip never resolves the multi-GB CUDA build.
+TORCH_SOURCE := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
+PIP_FLAGS := -q -c constraints.txt $(TORCH_SOURCE)
 
 .PHONY: demo test install clean
 

@@ -173,10 +173,16 @@ def report(run_dir, as_json):
     if not path.exists():
         status = ""
         if (run_dir / "run.json").exists():
-            info = json.loads((run_dir / "run.json").read_text())
+            try:
+                info = json.loads((run_dir / "run.json").read_text())
+            except json.JSONDecodeError:
+                info = {"status": "unreadable run.json"}
             status = f" (run status: {info.get('status')}{'; ' + info['error'] if info.get('error') else ''})"
         raise MMPruneError(f"{run_dir} has no report.json: the run is not complete{status}.")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MMPruneError(f"{path} is not valid JSON ({exc}).") from None
     click.echo(json.dumps(data, indent=2) if as_json else to_markdown(data))
 
 

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mmprune.errors import MMPruneError, did_you_mean
 from mmprune.graph import ModelGraph
 from mmprune.models.base import Adapter
+from mmprune.recipe import EvaluationSpec
 
 
 def seed_everything(seed: int) -> None:
@@ -39,6 +41,8 @@ class Context:
     #: JSON-able facts passes leave for later passes and the report (e.g. quantization settings)
     state: dict[str, Any] = field(default_factory=dict)
     show_progress: bool = True
+    #: how measurements are taken (the recipe's `evaluation` block)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
 
     @property
     def model(self) -> nn.Module:
@@ -46,7 +50,7 @@ class Context:
 
     def examples(self, split: str, max_examples: int | None = None) -> datasets.Dataset:
         if split not in self.data:
-            raise KeyError(f"the data has no split '{split}' (has: {', '.join(self.data)})")
+            raise MMPruneError(f"the data has no split '{split}'." + did_you_mean(split, self.data))
         ds = self.data[split]
         return ds.select(range(min(max_examples, len(ds)))) if max_examples else ds
 
@@ -60,9 +64,12 @@ class Context:
             order = np.random.default_rng(self.seed if seed is None else seed).permutation(len(ds))
         stop = len(ds) - (len(ds) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
-            rows = ds[order[start:start + batch_size].tolist()]
-            examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
-            yield self.adapter.collate(examples)
+            yield self.collate_rows(ds, order[start:start + batch_size].tolist())
+
+    def collate_rows(self, ds: datasets.Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The adapter's batch of rows `indices` of `ds`."""
+        rows = ds[indices]
+        return self.adapter.collate([dict(zip(rows, values)) for values in zip(*rows.values())])
 
     def progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
         return tqdm(iterable, desc=desc, total=total, leave=False, disable=not self.show_progress,

@@ -37,6 +37,8 @@ def did_you_mean(name: str, valid: Iterable[str]) -> str:
     """' Did you mean 'x'? Valid: a, b, c.' — the suffix every unknown-name error carries."""
     valid = sorted(valid)
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    if not close and name:  # abbreviations such as 'val' for 'validation'
+        close = [v for v in valid if v.startswith(name)][:1]
     hint = f" Did you mean '{close[0]}'?" if close else ""
     listing = ", ".join(valid) if len(valid) <= 20 else ", ".join(valid[:20]) + ", …"
     return f"{hint} Valid: {listing}." if valid else hint

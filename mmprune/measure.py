@@ -40,9 +40,7 @@ def param_count(ctx: Context) -> int:
 def latency_batch(ctx: Context, spec: EvaluationSpec) -> dict[str, torch.Tensor]:
     """A batch of `latency_batch_size` examples from the evaluation split (cycled if short)."""
     ds = ctx.examples(spec.split)
-    idx = [i % len(ds) for i in range(spec.latency_batch_size)]
-    rows = ds[idx]
-    return ctx.adapter.collate([dict(zip(rows, v)) for v in zip(*rows.values())])
+    return ctx.collate_rows(ds, [i % len(ds) for i in range(spec.latency_batch_size)])
 
 
 @torch.inference_mode()

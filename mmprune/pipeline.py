@@ -49,11 +49,37 @@ class PlannedPass:
 
     @property
     def label(self) -> str:
-        return f"{self.index:02d}-{self.name}"
+        return f"{self.index:03d}-{self.name}"
+
+
+def _check_inputs(recipe: Recipe, registry: Registry) -> None:
+    """Checks that need no model: the model path exists, split names exist."""
+    file = str(recipe.path) if recipe.path else None
+    kind, value = recipe.model.source
+    if kind == "path" and not Path(value).is_dir():
+        raise RecipeError(f"model path '{value}' does not exist or is not a directory.",
+                          file=file, line=recipe.lines.get(("model", "path")), field="model.path")
+    splits = registry.datasets[recipe.data.source].splits
+    if recipe.evaluation.split not in splits:
+        raise RecipeError(f"unknown split '{recipe.evaluation.split}'."
+                          + did_you_mean(recipe.evaluation.split, splits), file=file,
+                          line=recipe.lines.get(("evaluation", "split")), field="evaluation.split")
+    for spec in recipe.passes:
+        split = getattr(spec.params, "split", None)
+        field = f"passes.{spec.index}.{spec.name}.split"
+        if split is not None and split not in splits:
+            raise RecipeError(f"unknown split '{split}'." + did_you_mean(split, splits),
+                              file=file, line=spec.line, field=field)
+        cls = registry.passes[spec.name]
+        if split is not None and cls.calibrates and split == recipe.evaluation.split:
+            raise RecipeError(f"'{spec.name}' would calibrate on '{split}', the split the report "
+                              "is measured on; use another split (train or validation).",
+                              file=file, line=spec.line, field=field)
 
 
 def plan(recipe: Recipe, registry: Registry) -> list[PlannedPass]:
     """Instantiate the passes and check each one's `requires` against what earlier passes provide."""
+    _check_inputs(recipe, registry)
     facts = set(INITIAL_FACTS)
     planned = []
     for spec in recipe.passes:
@@ -102,13 +128,28 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _read_run_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{path} is unreadable ({exc}); the run directory is damaged. Start "
+                          "again with --overwrite.") from None
+
+
+def _source_dir(recipe: Recipe) -> Path | None:
+    kind, value = recipe.model.source
+    return Path(value).resolve() if kind in ("path", "hf") and Path(value).is_dir() else None
+
+
 def prepare_run_dir(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> dict | None:
     """Create or reopen `out`. Returns the previous run.json when resuming."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"output {out} exists and is not a directory.")
     run_file = out / RUN_FILE
     if resume:
         if not run_file.exists():
             raise RunDirError(f"--resume: {out} holds no mmprune run ({RUN_FILE} is missing).")
-        previous = json.loads(run_file.read_text())
+        previous = _read_run_file(run_file)
         if previous.get("recipe_hash") != _recipe_hash(recipe):
             raise RunDirError(f"--resume: the recipe (after --set overrides) differs from the one {out} "
                               "was started with; resume with the same recipe, or use --overwrite.")
@@ -120,6 +161,10 @@ def prepare_run_dir(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool)
         if not run_file.exists():
             raise RunDirError(f"--overwrite: {out} is not an mmprune run directory ({RUN_FILE} is "
                               "missing); refusing to delete it.")
+        source = _source_dir(recipe)
+        if source is not None and source.is_relative_to(out.resolve()):
+            raise RunDirError(f"--overwrite: the source model {source} lies inside {out}; "
+                              "overwriting would delete it. Choose another --out.")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return None
@@ -128,7 +173,7 @@ def prepare_run_dir(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool)
 # ----------------------------------------------------------------------------- checkpoints
 
 def _latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / CHECKPOINTS).glob("[0-9][0-9]-*") if (p / "DONE").exists())
+    done = sorted(p for p in (out / CHECKPOINTS).glob("[0-9][0-9][0-9]-*") if (p / "DONE").exists())
     return done[-1] if done else None
 
 
@@ -146,13 +191,13 @@ def write_checkpoint(out: Path, label: str, ctx: Context, record: dict) -> None:
     (tmp / "DONE").write_text(label)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in root.glob("[0-9][0-9]-*"):  # keep only the latest model on disk
+    for old in root.glob("[0-9][0-9][0-9]-*"):  # keep only the latest model on disk
         if old.name < label:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def _restore(ctx: Context, ckpt: Path) -> list[dict]:
-    saved = json.loads((ckpt / "context.json").read_text())
+    saved = _read_run_file(ckpt / "context.json")
     ctx.facts = set(saved["facts"])
     ctx.evaluations, ctx.state = saved["evaluations"], saved["state"]
     if (ckpt / "scores.safetensors").exists():
@@ -221,10 +266,10 @@ def _load_context(recipe: Recipe, registry: Registry, show_progress: bool,
     if graph is None:
         from mmprune.graph import trace
         graph = trace(adapter)
-    ctx = Context(adapter, graph, data, task, seed=recipe.seed, show_progress=show_progress)
-    kind, value = recipe.model.source
-    if kind in ("path", "hf") and Path(value).is_dir():
-        ctx.state["source_path"] = str(Path(value).resolve())
+    ctx = Context(adapter, graph, data, task, seed=recipe.seed, show_progress=show_progress,
+                  evaluation=recipe.evaluation)
+    if _source_dir(recipe) is not None:
+        ctx.state["source_path"] = str(_source_dir(recipe))
     if checkpoint is None:
         # the cost model's default token counts: the validation split's mean, never test
         counts = [adapter.tokens_per_example(b) for b in ctx.batches("validation", 64)]
@@ -244,7 +289,7 @@ def run(recipe: Recipe, registry: Registry, *, out: str | Path | None = None, re
     previous = prepare_run_dir(out, recipe, resume=resume, overwrite=overwrite)
     if previous and previous.get("status") == "complete" and (out / REPORT_JSON).exists():
         log(f"{out}: run already complete; nothing to resume.")
-        return json.loads((out / REPORT_JSON).read_text())
+        return _read_run_file(out / REPORT_JSON)
     run_info = {"status": "running", "recipe_hash": _recipe_hash(recipe), "mmprune": __version__,
                 "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_json(out / RUN_FILE, run_info)
@@ -272,10 +317,10 @@ def _execute(recipe: Recipe, registry: Registry, planned: list[PlannedPass], out
     baseline_file = out / CHECKPOINTS / "baseline.json"
     if ckpt is not None:
         records = _restore(ctx, ckpt)
-        baseline = json.loads(baseline_file.read_text())
+        baseline = _read_run_file(baseline_file)
         log(f"resuming after {ckpt.name}")
     elif resume and baseline_file.exists():
-        baseline = json.loads(baseline_file.read_text())
+        baseline = _read_run_file(baseline_file)
     else:
         log("measuring the dense baseline …")
         baseline = measure(ctx, recipe.evaluation, with_latency=False)

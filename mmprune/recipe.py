@@ -92,6 +92,7 @@ class Recipe:
     output: str
     seed: int
     raw: dict = field(default_factory=dict)
+    lines: dict[tuple, int] = field(default_factory=dict)   # field path -> line in the file
 
     def to_dict(self) -> dict:
         """The recipe after overrides, as plain data (what the run directory records)."""
@@ -124,7 +125,13 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
                           "for example recipes/quickstart.yaml.")
     if path.is_dir():
         raise RecipeError(f"{path} is a directory, not a recipe file.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"not UTF-8 text (byte {exc.start}): a recipe is a YAML text file.",
+                          file=str(path)) from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read the recipe: {exc.strerror}.", file=str(path)) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -195,7 +202,7 @@ class _Where:
     def error(self, path: tuple, message: str) -> RecipeError:
         dotted = ".".join(map(str, path)) or None
         for k, text in self.overridden.items():
-            if path[: len(k)] == k or k[: len(path)] == path:
+            if path and path[: len(k)] == k:
                 return RecipeError(f"{message} (value from --set {text})", file=self.file, field=dotted)
         line = None
         for cut in range(len(path), -1, -1):
@@ -312,14 +319,14 @@ def validate_recipe(data: Any, registry: Registry, *, file: str | None = None,
         passes.append(PassSpec(i, name, parsed, where.lines.get(("passes", i))))
 
     seed = data.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise where.error(("seed",), f"seed must be an integer, got {seed!r}.")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+        raise where.error(("seed",), f"seed must be an integer in [0, 2**31), got {seed!r}.")
     output = data.get("output")
     if output is not None and not isinstance(output, str):
         raise where.error(("output",), f"output must be a directory path, got {output!r}.")
     stem = Path(file).stem if file else "run"
     return Recipe(Path(file) if file else None, model, dspec, passes, evaluation,
-                  output or f"runs/{stem}", seed, data)
+                  output or f"runs/{stem}", seed, data, dict(lines or {}))
 
 
 def load_recipe(path: str | Path, registry: Registry, overrides: tuple[str, ...] = ()) -> Recipe:

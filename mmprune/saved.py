@@ -8,6 +8,8 @@ the weights. Nothing is unpickled.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from mmprune import quant
 from mmprune.errors import ModelLoadError
 from mmprune.graph import ModelGraph, keep_units, trace
 from mmprune.models.base import Adapter
+from mmprune.models.processors import load_processors, save_processors
 
 SPEC_FILE = "mmprune.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,9 +44,16 @@ class Bundle:
 
 def save(directory: str | Path, adapter: Adapter, graph: ModelGraph,
          token_policy: dict | None = None) -> Path:
-    """Write `adapter.model` with its structure to `directory` (created; files replaced)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write `adapter.model` with its structure to `directory`, atomically.
+
+    Everything is written to a sibling temporary directory first and swapped in at the end, so an
+    interrupted export never leaves an old mmprune.json beside new or partial weights.
+    """
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    directory = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir()
     model = adapter.model
     qnames = quant.quantized_names(model)
     spec = {
@@ -56,9 +66,15 @@ def save(directory: str | Path, adapter: Adapter, graph: ModelGraph,
         "quantization": {"scheme": quant.SCHEME, "modules": qnames} if qnames else None,
     }
     model.config.save_pretrained(directory)
+    save_processors(adapter, directory)
     save_file(quant.state_tensors(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2))
-    return directory
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(directory, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def is_saved_model(directory: str | Path) -> bool:
@@ -71,7 +87,10 @@ def load_bundle(directory: str | Path, registry=None) -> Bundle:
     directory = Path(directory)
     if not is_saved_model(directory):
         raise ModelLoadError(f"{directory} is not an mmprune export: {SPEC_FILE} is missing.")
-    spec = json.loads((directory / SPEC_FILE).read_text())
+    try:
+        spec = json.loads((directory / SPEC_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{directory / SPEC_FILE} is not valid JSON ({exc}).") from None
     if spec.get("format") != "mmprune" or spec.get("version") != FORMAT_VERSION:
         raise ModelLoadError(f"{directory / SPEC_FILE}: unsupported format {spec.get('format')!r} "
                              f"version {spec.get('version')!r} (this mmprune reads version {FORMAT_VERSION}).")
@@ -83,7 +102,7 @@ def load_bundle(directory: str | Path, registry=None) -> Bundle:
     config = cls.model_class.config_class.from_pretrained(directory)
     config._attn_implementation = spec.get("attn_implementation", "sdpa")
     model = cls.model_class(config).eval()
-    adapter = cls(model)
+    adapter = cls(model, *load_processors(directory))
     graph = trace(adapter, tokens=spec.get("tokens_per_example"))
     for gid, entry in spec["structure"].items():
         if gid not in graph.groups:

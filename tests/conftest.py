@@ -32,7 +32,7 @@ def registry():
 def make_adapter(seed: int = 0, attn: str = "sdpa", **overrides) -> CLIPAdapter:
     model = CLIPAdapter.tiny_model(seed, overrides or None)
     model.set_attn_implementation(attn)
-    return CLIPAdapter(model)
+    return CLIPAdapter(model, *CLIPAdapter.default_processors(model))
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def ctx(adapter) -> Context:
 
 
 def clone(adapter: CLIPAdapter) -> CLIPAdapter:
-    return CLIPAdapter(copy.deepcopy(adapter.model))
+    return CLIPAdapter(copy.deepcopy(adapter.model), adapter.tokenizer, adapter.image_processor)
 
 
 @pytest.fixture
@@ -74,9 +74,13 @@ def small_recipe(out: Path, passes: list, **extra) -> dict:
 @pytest.fixture(scope="session")
 def toy_plugin_path(tmp_path_factory) -> Path:
     """The third-party plugin package in tests/fixtures, pip-installed into a private target dir."""
+    import shutil
+
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / "toy_plugin"  # build outside the repo: no litter, no races
+    shutil.copytree(FIXTURES / "toy_plugin", source)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(FIXTURES / "toy_plugin")],
+                    "--no-index", "--target", str(target), str(source)],
                    check=True, capture_output=True, text=True)
     return target
 

@@ -106,9 +106,8 @@ def test_target_out_of_range(cli, write_recipe, tmp_path):
 def test_model_path_that_does_not_exist(cli, write_recipe, tmp_path):
     recipe = small_recipe(tmp_path / "r", [{"score_magnitude": {}}])
     recipe["model"] = {"path": str(tmp_path / "no-such-model")}
-    assert_user_error(cli("run", write_recipe(recipe)), "does not exist", "no-such-model")
-    info = json.loads((tmp_path / "r" / "run.json").read_text())
-    assert info["status"] == "failed" and not (tmp_path / "r" / "report.json").exists()
+    assert_user_error(cli("run", write_recipe(recipe)), "does not exist", "no-such-model", "model.path")
+    assert not (tmp_path / "r").exists()  # found before any run directory is made
 
 
 def test_unreachable_hub_id_is_an_offline_error(cli, write_recipe, tmp_path, monkeypatch):
@@ -124,6 +123,6 @@ def test_report_of_unfinished_run(cli, tmp_path):
 
 
 def test_recipe_copy_is_recorded(cli, recipe, tmp_path):
-    cli("run", recipe, "--quiet", "--set", "passes.1.prune_structured.target=0.3")
+    assert cli("run", recipe, "--quiet", "--set", "passes.1.prune_structured.target=0.3").exit_code == 0
     saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     assert saved["passes"][1]["prune_structured"]["target"] == 0.3

@@ -63,7 +63,8 @@ def test_exported_model_reproduces_final_metrics(write_recipe, registry, tmp_pat
 
 def test_requires_checked_before_any_model_loads(write_recipe, registry, tmp_path):
     recipe = small_recipe(tmp_path / "run", [{"prune_structured": {"target": 0.5}}])
-    recipe["model"] = {"path": str(tmp_path / "does-not-exist")}
+    (tmp_path / "empty").mkdir()  # loading it would fail: the plan must fail first
+    recipe["model"] = {"path": str(tmp_path / "empty")}
     with pytest.raises(RecipeError, match="requires 'scores.params'.*score_taylor") as info:
         run_recipe(write_recipe, registry, recipe)
     assert info.value.line is not None
@@ -151,12 +152,12 @@ def test_resume_after_killed_run_gives_same_final_metrics(write_recipe, tmp_path
     run_dir = tmp_path / "killed"
     assert not (run_dir / "report.json").exists()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
-    assert (run_dir / "checkpoints" / "01-prune_structured" / "DONE").exists()
+    assert (run_dir / "checkpoints" / "001-prune_structured" / "DONE").exists()
 
     gate.write_text("open")
     resumed = subprocess.run(cmd + [str(killed), "--resume"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming after 01-prune_structured" in resumed.stderr
+    assert "resuming after 001-prune_structured" in resumed.stderr
 
     straight = write_recipe(small_recipe(tmp_path / "straight", passes), "straight.yaml")
     done = subprocess.run(cmd + [str(straight)], env=env, capture_output=True, text=True)

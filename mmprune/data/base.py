@@ -22,6 +22,7 @@ class DatasetSource:
 
     name: ClassVar[str]
     task_field: ClassVar[str] = "task"
+    splits: ClassVar[tuple[str, ...]] = SPLITS
     Params: ClassVar[type[DataParams]] = DataParams
 
     def __init__(self, params: DataParams, seed: int):

@@ -45,6 +45,6 @@ class SyntheticSource(DatasetSource):
         captions = []
         for _ in range(n):
             length = int(rng.integers(self.params.min_text_len, longest + 1))
-            body = rng.integers(1, spec["vocab_size"] - 2, length - 2).tolist()
+            body = rng.integers(4, spec["vocab_size"], length - 2).tolist()  # above special ids
             captions.append([spec["bos_token_id"], *body, spec["eos_token_id"]])
         return {"pixel_values": list(images), "input_ids": captions}

@@ -94,20 +94,20 @@ class ModelGraph:
         return self._dg
 
 
-def trace(adapter: Adapter, structure: Mapping[str, dict] | None = None,
-          tokens: Mapping[str, float] | None = None) -> ModelGraph:
-    """Describe `adapter.model` as a ModelGraph.
+def trace(adapter: Adapter, tokens: Mapping[str, float] | None = None) -> ModelGraph:
+    """Describe the dense `adapter.model` as a ModelGraph.
 
-    `structure` (from mmprune.json) gives the original sizes and kept indices of a model that was
-    already pruned; without it the model is taken as dense. `tokens` sets the default tokens per
-    example of each tower for the cost model (default: the adapter's example inputs).
+    `tokens` sets the default tokens per example of each tower for the cost model (default: the
+    adapter's example inputs). A saved pruned model is rebuilt dense and then shrunk with
+    `keep_units` (see mmprune.saved), so tracing only ever sees dense models.
     """
-    structure = structure or {}
     groups: dict[str, UnitGroup] = {}
     for site in adapter.attention_sites():
-        groups_add(groups, HeadGroup(site, site.num_heads, list(range(site.num_heads))), structure)
+        g = HeadGroup(site, site.num_heads, list(range(site.num_heads)))
+        groups[g.id] = g
     for site in adapter.mlp_sites():
-        groups_add(groups, ChannelGroup(site, site.width, list(range(site.width))), structure)
+        g = ChannelGroup(site, site.width, list(range(site.width)))
+        groups[g.id] = g
     token_sites = [TokenSite(spec) for spec in adapter.token_sites()]
     towers = {t.name: t for t in adapter.towers()}
     unit_params = {gid: unit_param_count(adapter.model, g) for gid, g in groups.items()}
@@ -118,13 +118,3 @@ def trace(adapter: Adapter, structure: Mapping[str, dict] | None = None,
         tokens = {k: float(v.mean()) for k, v in per.items()}
     cost = CostModel(groups, towers, unit_params, fixed, dict(tokens))
     return ModelGraph(adapter, groups, token_sites, cost)
-
-
-def groups_add(groups: dict[str, UnitGroup], group: UnitGroup, structure: Mapping[str, dict]) -> None:
-    spec = structure.get(group.id)
-    if spec is not None:
-        if len(spec["kept"]) != group.size:
-            raise ValueError(f"{group.id}: structure keeps {len(spec['kept'])} units but the model "
-                             f"has {group.size}")
-        group.total, group.kept = int(spec["total"]), [int(k) for k in spec["kept"]]
-    groups[group.id] = group

@@ -6,7 +6,7 @@ task loss and the task metrics, and how to fix module attributes after structure
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -69,14 +69,21 @@ class Adapter:
     #: The metric the report leads with, per task.
     headline_metric: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, tokenizer: Any = None, image_processor: Any = None):
         self.model = model
+        self.tokenizer = tokenizer            # HF tokenizer for raw text (None: pre-tokenized data)
+        self.image_processor = image_processor  # HF image processor for raw images
 
     # ---- construction
     @classmethod
     def tiny_model(cls, seed: int, overrides: dict | None = None) -> nn.Module:
         """A small randomly initialised model of this family, built from a config (no download)."""
         raise NotImplementedError(f"{cls.__name__} has no tiny model")
+
+    @classmethod
+    def default_processors(cls, model: nn.Module) -> tuple[Any, Any]:
+        """(tokenizer, image processor) for a model that ships none (tiny models): MiniVL's."""
+        return None, None
 
     # ---- structure
     def attention_sites(self) -> list[AttentionSite]:
@@ -126,9 +133,6 @@ class Adapter:
     # ---- helpers
     def module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path)
-
-    def parameters_of(self, path: str) -> Iterator[nn.Parameter]:
-        return self.module(path).parameters()
 
 
 def check_adapter_class(cls: object) -> list[str]:

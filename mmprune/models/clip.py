@@ -7,14 +7,15 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel
 
+from mmprune.errors import MMPruneError
 from mmprune.models.base import Adapter, AttentionSite, MLPSite, TokenSiteSpec, TowerSpec
 
 TOWER_PATHS = {"vision": "vision_model", "language": "text_model"}
 
 TINY_CONFIG = dict(
     text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=32, bos_token_id=254,
-                     eos_token_id=255, pad_token_id=0),
+                     num_attention_heads=4, max_position_embeddings=32, bos_token_id=2,
+                     eos_token_id=3, pad_token_id=0),  # the MiniVL tokenizer's special ids
     vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, image_size=32, patch_size=8),
     projection_dim=32,
@@ -29,18 +30,34 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def recall_at_k(sim: torch.Tensor, k: int) -> float:
-    """Share of rows whose matching column (the diagonal) ranks in the top k."""
+    """Share of rows whose matching column (the diagonal) ranks in the top k.
+
+    Ties count against the model (a collapsed model that scores everything equal gets chance or
+    worse, never 100), and rows with non-finite similarities are misses.
+    """
     target = sim.diagonal().unsqueeze(1)
-    rank = (sim > target).sum(dim=1)  # ties resolved in the model's favour
-    return float((rank < k).float().mean() * 100)
+    rank = (sim >= target).sum(dim=1) - 1
+    hit = (rank < k) & torch.isfinite(sim).all(dim=1)
+    return float(hit.float().mean() * 100)
 
 
 class CLIPAdapter(Adapter):
     name = "clip"
     model_types = ("clip",)
     model_class = CLIPModel
-    tasks = ("retrieval",)
-    headline_metric = {"retrieval": "r1_mean"}
+    tasks = ("retrieval", "digits")
+    headline_metric = {"retrieval": "r1_mean", "digits": "r1_mean"}
+
+    @classmethod
+    def default_processors(cls, model: CLIPModel):
+        from mmprune.data.minivl.text import build_tokenizer
+        from mmprune.models.processors import square_image_processor
+
+        vcfg, tcfg = model.config.vision_config, model.config.text_config
+        tok = build_tokenizer(tcfg.max_position_embeddings)
+        if len(tok) > tcfg.vocab_size or tok.eos_token_id != tcfg.eos_token_id:
+            return None, square_image_processor(vcfg.image_size)
+        return tok, square_image_processor(vcfg.image_size)
 
     @classmethod
     def tiny_model(cls, seed: int, overrides: dict | None = None) -> CLIPModel:
@@ -98,13 +115,15 @@ class CLIPAdapter(Adapter):
         spec = self.input_spec()
         g = torch.Generator().manual_seed(0)
         n = min(8, spec["max_text_len"])
-        ids = torch.randint(1, spec["vocab_size"] - 2, (batch_size, n), generator=g)
+        ids = torch.randint(4, spec["vocab_size"], (batch_size, n), generator=g)  # no special ids
         ids[:, 0], ids[:, -1] = spec["bos_token_id"], spec["eos_token_id"]
         px = torch.randn(batch_size, spec["num_channels"], spec["image_size"], spec["image_size"],
                          generator=g)
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px)
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if "input_ids" not in examples[0]:
+            return self._collate_raw(examples)
         pad = self.model.config.text_config.pad_token_id or 0
         longest = max(len(e["input_ids"]) for e in examples)
         ids = torch.full((len(examples), longest), pad, dtype=torch.long)
@@ -115,6 +134,17 @@ class CLIPAdapter(Adapter):
             mask[i, :n] = 1
         px = torch.stack([torch.as_tensor(e["pixel_values"], dtype=torch.float32) for e in examples])
         return dict(input_ids=ids, attention_mask=mask, pixel_values=px)
+
+    def _collate_raw(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Rows with an `image` and a `caption`: the model's own tokenizer and image processor."""
+        if self.tokenizer is None or self.image_processor is None:
+            raise MMPruneError("this model has no tokenizer / image processor, so it cannot read "
+                               "raw images and captions; use a model directory that includes them.")
+        max_len = self.model.config.text_config.max_position_embeddings
+        enc = self.tokenizer([e["caption"] for e in examples], padding=True, truncation=True,
+                             max_length=max_len, return_tensors="pt")
+        px = self.image_processor([e["image"] for e in examples], return_tensors="pt")["pixel_values"]
+        return dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=px)
 
     def tokens_per_example(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         vcfg = self.model.config.vision_config

@@ -8,6 +8,7 @@ from urllib.parse import urlparse
 
 from mmprune.errors import ModelLoadError, did_you_mean
 from mmprune.models.base import Adapter
+from mmprune.models.processors import load_processors
 from mmprune.plugins.manager import Registry
 from mmprune.saved import Bundle, is_saved_model, load_bundle
 
@@ -52,8 +53,14 @@ def _from_pretrained(location: str, registry: Registry, attn: str, what: str):
         raise ModelLoadError(f"{what} '{location}' has no readable config.json: "
                              f"{str(exc).splitlines()[0]}") from None
     cls = adapter_for(config.model_type, registry)
-    model = cls.model_class.from_pretrained(location, attn_implementation=attn).eval()
-    return cls(model)
+    try:  # safetensors only: a checkpoint that has nothing but pickled weights is refused
+        model = cls.model_class.from_pretrained(location, attn_implementation=attn,
+                                                use_safetensors=True).eval()
+        processors = load_processors(location)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"{what} '{location}' could not be loaded: "
+                             f"{str(exc).strip().splitlines()[0]}") from None
+    return cls(model, *processors)
 
 
 def _cached(repo_id: str) -> bool:
@@ -77,10 +84,10 @@ def load_model(spec, registry: Registry, seed: int) -> tuple[Adapter, Bundle | N
             detail = str(exc).strip().splitlines()[-1].strip()
             raise ModelLoadError(f"tiny '{value}' model: the config overrides are invalid: {detail}") from None
         model.set_attn_implementation(spec.attn_implementation)
-        return cls(model), None
-    if kind == "path":
-        if not os.path.isdir(value):
-            raise ModelLoadError(f"model path '{value}' does not exist or is not a directory.")
+        return cls(model, *cls.default_processors(model)), None
+    if kind == "path" and not os.path.isdir(value):
+        raise ModelLoadError(f"model path '{value}' does not exist or is not a directory.")
+    if kind in ("path", "hf") and os.path.isdir(value):
         if is_saved_model(value):
             bundle = load_bundle(value, registry)
             return bundle.adapter, bundle

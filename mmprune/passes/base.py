@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from mmprune.pipeline import Context
+    from mmprune.context import Context
 
 #: Facts every run starts with: the loaded model (with its adapter and traced graph) and the data.
 INITIAL_FACTS = frozenset({"model", "graph", "data"})
@@ -34,6 +34,8 @@ class Pass:
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     excludes: ClassVar[frozenset[str]] = frozenset()
+    #: True when the pass fits something to the data of its `split` (it must not be the report split)
+    calibrates: ClassVar[bool] = False
 
     def __init__(self, params: PassParams | None = None):
         self.params = params if params is not None else self.Params()

@@ -6,7 +6,6 @@ from pydantic import Field
 from mmprune.context import Context
 from mmprune.measure import measure
 from mmprune.passes.base import Pass, PassParams
-from mmprune.recipe import EvaluationSpec
 
 
 class EvaluateParams(PassParams):
@@ -20,7 +19,11 @@ class EvaluateParams(PassParams):
 
 
 class Evaluate(Pass):
-    """Measure task metrics, FLOPs, params, size and latency of the model as it is now."""
+    """Measure task metrics, FLOPs, params, size and latency of the model as it is now.
+
+    Latency uses the recipe's `evaluation` settings (batch size, repeats, threads), so the
+    numbers compare with the report's baseline and final.
+    """
 
     name = "evaluate"
     Params = EvaluateParams
@@ -29,7 +32,8 @@ class Evaluate(Pass):
 
     def run(self, ctx: Context) -> None:
         p = self.params
-        spec = EvaluationSpec(split=p.split, batch_size=p.batch_size, max_examples=p.max_examples)
+        spec = ctx.evaluation.model_copy(update=dict(split=p.split, batch_size=p.batch_size,
+                                                     max_examples=p.max_examples))
         result = measure(ctx, spec, with_latency=p.latency)
         result["label"] = p.label or f"after {len(ctx.state.get('_records', []))} passes"
         ctx.evaluations.append(result)

@@ -24,6 +24,7 @@ class ScoreMagnitude(Pass):
     Params = MagnitudeParams
     requires = frozenset({"model", "graph"})
     provides = frozenset({"scores.params"})
+    excludes = frozenset({"quantized"})
 
     def run(self, ctx: Context) -> None:
         fn = (lambda p: p.abs()) if self.params.norm == "l1" else (lambda p: p.pow(2))
@@ -46,8 +47,10 @@ class ScoreTaylor(Pass):
 
     name = "score_taylor"
     Params = TaylorParams
+    calibrates = True
     requires = frozenset({"model", "graph", "data"})
     provides = frozenset({"scores.params"})
+    excludes = frozenset({"quantized"})
 
     def run(self, ctx: Context) -> None:
         p = self.params

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mmprune.context import Context
 from mmprune.errors import MMPruneError
@@ -43,6 +43,19 @@ class StructuredParams(PassParams):
             raise ValueError("name at least one unit kind")
         return v
 
+    @field_validator("score")
+    @classmethod
+    def _a_score_table(cls, v: str) -> str:
+        if not v.startswith("scores."):
+            raise ValueError("must name a score fact such as 'scores.params'")
+        return v
+
+    @model_validator(mode="after")
+    def _per_tower_flops(self) -> StructuredParams:
+        if self.scope == "per_tower" and self.metric == "params":
+            raise ValueError("scope 'per_tower' supports metric 'flops' only")
+        return self
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -61,8 +74,6 @@ def _cost(graph: ModelGraph, group: UnitGroup, metric: str) -> float:
 def _dense_total(graph: ModelGraph, metric: str, tower: str | None) -> float:
     dense = {gid: g.total for gid, g in graph.groups.items()}
     if metric == "params":
-        if tower is not None:
-            raise ValueError("per-tower params targets are computed over the tower's units")
         return float(graph.cost.params(dense))
     return graph.cost.flops(sizes=dense, tower=tower)
 
@@ -135,8 +146,6 @@ class PruneStructured(Pass):
         if unknown:
             raise MMPruneError(f"prune_structured: unknown tower(s) {unknown}; this model has "
                                f"{', '.join(graph.towers)}.")
-        if p.scope == "per_tower" and p.metric == "params":
-            raise MMPruneError("prune_structured: scope 'per_tower' supports metric 'flops' only.")
         scopes = [[t] for t in towers] if p.scope == "per_tower" else [towers]
         scores = ctx.scores[p.score]
         plan: dict[str, list[int]] = {}

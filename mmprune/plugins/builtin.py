@@ -24,6 +24,7 @@ def mmprune_models() -> list[type]:
 
 @hookimpl
 def mmprune_datasets() -> list[type]:
+    from mmprune.data.minivl.source import MiniVLSource
     from mmprune.data.synthetic import SyntheticSource
 
-    return [SyntheticSource]
+    return [MiniVLSource, SyntheticSource]

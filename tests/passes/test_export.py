@@ -26,9 +26,14 @@ def test_export_then_load_gives_identical_outputs(ctx, tmp_path, quantize):
         Quantize(QuantizeParams()).run(ctx)
         assert quantized_names(ctx.model)
     Export(ExportParams(path=str(tmp_path / "m"))).run(ctx)
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
-        "config.json", "mmprune.json", "model.safetensors"]
+    names = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"config.json", "mmprune.json", "model.safetensors", "tokenizer_config.json",
+            "preprocessor_config.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
     loaded = mmprune.load(tmp_path / "m")
+    from mmprune.saved import load_bundle
+    b = load_bundle(tmp_path / "m")
+    assert b.adapter.tokenizer("a red ring")["input_ids"] == ctx.adapter.tokenizer("a red ring")["input_ids"]
     x = ctx.adapter.example_inputs(3)
     assert torch.equal(outputs(ctx.model, x), outputs(loaded, x))
     spec = json.loads((tmp_path / "m" / "mmprune.json").read_text())
@@ -47,9 +52,14 @@ def test_quantized_export_is_smaller(ctx, tmp_path):
 def test_load_never_unpickles(ctx, tmp_path, monkeypatch):
     Export(ExportParams(path=str(tmp_path / "m"))).run(ctx)
 
+    import pickle
+
     def forbidden(*a, **k):
-        raise AssertionError("torch.load called")
+        raise AssertionError("something was unpickled")
     monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
     mmprune.load(tmp_path / "m")
 
 

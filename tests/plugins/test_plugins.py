@@ -44,7 +44,7 @@ def test_installed_plugin_pass_runs_from_a_recipe(monkeypatch, fresh_registry, t
     assert report["passes"][0]["name"] == "toy_scale"
     # the pass really changed the model: the exported LayerNorm weights are doubled
     from safetensors.torch import load_file
-    ckpt = tmp_path / "run" / "checkpoints" / "00-toy_scale" / "model" / "model.safetensors"
+    ckpt = tmp_path / "run" / "checkpoints" / "000-toy_scale" / "model" / "model.safetensors"
     w = load_file(str(ckpt))["vision_model.post_layernorm.weight"]
     assert torch.allclose(w, torch.full_like(w, 2.0))
 
