@@ -186,5 +186,44 @@ def report(run_dir, as_json):
     click.echo(json.dumps(data, indent=2) if as_json else to_markdown(data))
 
 
+@main.group()
+def zoo() -> None:
+    """The MiniVL model zoo: small real-architecture models trained offline on MiniVL tasks."""
+
+
+@zoo.command("list")
+@user_errors
+def zoo_list():
+    """List zoo models, whether each is built, and its dense test metrics."""
+    from mmprune.zoo.build import is_built, read_manifest, zoo_dir
+    from mmprune.zoo.catalog import CATALOG
+
+    for name, e in CATALOG.items():
+        if is_built(name):
+            m = read_manifest(name)
+            test = ", ".join(f"{k} {v:.1f}" for k, v in m["metrics"]["test"].items())
+            state = f"built ({zoo_dir(name)}): test {test}"
+        else:
+            state = "not built"
+        click.echo(f"{name}  [{e.family}, MiniVL {e.task}]  {state}")
+        click.echo(f"    {e.description}")
+
+
+@zoo.command("build")
+@click.argument("names", nargs=-1)
+@click.option("--force", is_flag=True, help="Rebuild even if already built.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@user_errors
+def zoo_build(names, force, quiet):
+    """Train zoo models NAMES (default: all) into the cache ($MMPRUNE_CACHE or ~/.cache/mmprune)."""
+    from mmprune.zoo.build import build, entry
+    from mmprune.zoo.catalog import CATALOG
+
+    for name in names or tuple(CATALOG):
+        entry(name)
+        out = build(name, force=force, progress=not quiet, log=lambda m: click.echo(m, err=True))
+        click.echo(f"{name}: {out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

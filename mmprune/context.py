@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mmprune.data.batching import collate_rows, iterate_batches
 from mmprune.errors import MMPruneError, did_you_mean
 from mmprune.graph import ModelGraph
 from mmprune.models.base import Adapter
@@ -58,18 +59,13 @@ class Context:
                 shuffle: bool = False, seed: int | None = None,
                 drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Collated batches of a split; shuffled deterministically from `seed` when asked."""
-        ds = self.examples(split, max_examples)
-        order = np.arange(len(ds))
-        if shuffle:
-            order = np.random.default_rng(self.seed if seed is None else seed).permutation(len(ds))
-        stop = len(ds) - (len(ds) % batch_size if drop_last else 0)
-        for start in range(0, stop, batch_size):
-            yield self.collate_rows(ds, order[start:start + batch_size].tolist())
+        yield from iterate_batches(self.adapter, self.examples(split, max_examples), batch_size,
+                                   shuffle=shuffle, seed=self.seed if seed is None else seed,
+                                   drop_last=drop_last)
 
     def collate_rows(self, ds: datasets.Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
         """The adapter's batch of rows `indices` of `ds`."""
-        rows = ds[indices]
-        return self.adapter.collate([dict(zip(rows, values)) for values in zip(*rows.values())])
+        return collate_rows(self.adapter, ds, indices)
 
     def progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
         return tqdm(iterable, desc=desc, total=total, leave=False, disable=not self.show_progress,

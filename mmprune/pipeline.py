@@ -56,6 +56,11 @@ def _check_inputs(recipe: Recipe, registry: Registry) -> None:
     """Checks that need no model: the model path exists, split names exist."""
     file = str(recipe.path) if recipe.path else None
     kind, value = recipe.model.source
+    if kind == "zoo":
+        from mmprune.zoo.catalog import CATALOG
+        if value not in CATALOG:
+            raise RecipeError(f"unknown zoo model '{value}'." + did_you_mean(value, CATALOG),
+                              file=file, line=recipe.lines.get(("model", "zoo")), field="model.zoo")
     if kind == "path" and not Path(value).is_dir():
         raise RecipeError(f"model path '{value}' does not exist or is not a directory.",
                           file=file, line=recipe.lines.get(("model", "path")), field="model.path")

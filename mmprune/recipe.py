@@ -17,15 +17,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mmprune.errors import RecipeError, did_you_mean
 from mmprune.plugins.manager import Registry
 
-MODEL_SOURCES = ("tiny", "hf", "path")
+MODEL_SOURCES = ("tiny", "zoo", "hf", "path")
 
 
 class ModelSpec(BaseModel):
-    """Where the model comes from: exactly one of `tiny`, `hf`, `path`."""
+    """Where the model comes from: exactly one of `tiny`, `zoo`, `hf`, `path`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     tiny: str | None = Field(None, description="Family of a small random model built from a config "
                                                "(e.g. 'clip'); for tests and smoke runs.")
+    zoo: str | None = Field(None, description="A MiniVL zoo model (see `mmprune zoo list`); "
+                                              "trained into the cache on first use.")
     hf: str | None = Field(None, description="A Hugging Face hub id or a local directory saved "
                                              "with save_pretrained.")
     path: str | None = Field(None, description="A local model directory: an HF checkpoint or an "

@@ -24,6 +24,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """MiniVL data and zoo models go to a per-session cache, never the user's."""
+    path = tmp_path_factory.mktemp("mmprune-cache")
+    old = os.environ.get("MMPRUNE_CACHE")
+    os.environ["MMPRUNE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MMPRUNE_CACHE", None)
+    else:
+        os.environ["MMPRUNE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def registry():
     return get_registry()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -71,7 +72,11 @@ def _cached(repo_id: str) -> bool:
         return False
 
 
-def load_model(spec, registry: Registry, seed: int) -> tuple[Adapter, Bundle | None]:
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_model(spec, registry: Registry, seed: int, log=_stderr) -> tuple[Adapter, Bundle | None]:
     """The adapter around the model a ModelSpec names; a Bundle too when it is an mmprune export."""
     kind, value = spec.source
     if kind == "tiny":
@@ -85,6 +90,12 @@ def load_model(spec, registry: Registry, seed: int) -> tuple[Adapter, Bundle | N
             raise ModelLoadError(f"tiny '{value}' model: the config overrides are invalid: {detail}") from None
         model.set_attn_implementation(spec.attn_implementation)
         return cls(model, *cls.default_processors(model)), None
+    if kind == "zoo":
+        from mmprune.zoo.build import build, is_built, zoo_dir
+        if not is_built(value):
+            log(f"zoo model '{value}' is not built yet: training it now (once; cached in {zoo_dir(value)})")
+            build(value, log=log)
+        return _from_pretrained(str(zoo_dir(value)), registry, spec.attn_implementation, "zoo model"), None
     if kind == "path" and not os.path.isdir(value):
         raise ModelLoadError(f"model path '{value}' does not exist or is not a directory.")
     if kind in ("path", "hf") and os.path.isdir(value):

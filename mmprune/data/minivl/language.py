@@ -151,4 +151,5 @@ def vocabulary() -> list[str]:
     vocab.update(w for p in POSITIONS for w in p.split())
     vocab.update(str(i) for i in range(10))
     vocab.update(".,?:!")
+    vocab.update(w for a in answer_vocabulary() for w in a.split("_"))
     return sorted(vocab)

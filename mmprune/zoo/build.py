@@ -1,0 +1,111 @@
+"""Build (train) zoo models into the cache, with a manifest of config, data, code and metrics."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from mmprune.data.batching import iterate_batches
+from mmprune.data.minivl.source import MiniVLParams, cache_root, code_hash, load_task
+from mmprune.errors import MMPruneError, did_you_mean
+from mmprune.zoo.catalog import CATALOG, ZooEntry
+from mmprune.zoo.train import train
+
+MANIFEST = "manifest.json"
+_CODE_DIRS = ("zoo", "data/minivl", "models")
+
+
+def zoo_code_hash() -> str:
+    """Hash of the code a zoo model depends on: generator, trainer, adapters."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for d in _CODE_DIRS:
+        for f in sorted((root / d).glob("*.py")):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def entry(name: str) -> ZooEntry:
+    if name not in CATALOG:
+        raise MMPruneError(f"unknown zoo model '{name}'." + did_you_mean(name, CATALOG))
+    return CATALOG[name]
+
+
+def zoo_dir(name: str) -> Path:
+    return cache_root() / "zoo" / name
+
+
+def is_built(name: str) -> bool:
+    return (zoo_dir(name) / MANIFEST).exists()
+
+
+def read_manifest(name: str) -> dict:
+    return json.loads((zoo_dir(name) / MANIFEST).read_text())
+
+
+def evaluate_split(adapter, ds, task: str, batch_size: int = 128) -> dict[str, float]:
+    with torch.inference_mode():
+        return adapter.evaluate(iterate_batches(adapter, ds, batch_size), task)
+
+
+def build(name: str, *, force: bool = False, progress: bool = True, log=print,
+          override: dict | None = None, directory: Path | None = None) -> Path:
+    """Train zoo model `name` into its cache directory (or `directory`) and return that directory.
+
+    `override` replaces catalog fields (e.g. steps, data sizes) for reduced smoke builds.
+    """
+    from mmprune.plugins.manager import get_registry
+
+    e = replace(entry(name), **(override or {}))
+    out = directory or zoo_dir(name)
+    if (out / MANIFEST).exists() and not force:
+        return out
+    cls = get_registry().models[e.family]
+    data = load_task(MiniVLParams(task=e.task, **e.data))
+    model = cls.tiny_model(0, e.config)
+    adapter = cls(model, *cls.default_processors(model))
+    if adapter.tokenizer is None:
+        raise MMPruneError(f"zoo model '{name}': its config does not fit the MiniVL tokenizer.")
+    log(f"building zoo model {name}: {e.steps} steps of {e.batch_size} on MiniVL {e.task}")
+    t0 = time.perf_counter()
+    losses = train(adapter, data["train"], e.task, steps=e.steps, batch_size=e.batch_size, lr=e.lr,
+                   warmup=e.warmup, weight_decay=e.weight_decay, progress=progress)
+    seconds = time.perf_counter() - t0
+    metrics = {s: evaluate_split(adapter, data[s], e.task) for s in ("validation", "test")}
+    window = max(1, min(50, len(losses) // 4))  # mean loss over the first and last quarter (<= 50 steps)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    adapter.tokenizer.save_pretrained(tmp)
+    adapter.image_processor.save_pretrained(tmp)
+    manifest = {
+        "name": name, "family": e.family, "task": e.task, "entry": asdict(e),
+        "data": MiniVLParams(task=e.task, **e.data).model_dump(),
+        "code_hash": zoo_code_hash(), "data_code_hash": code_hash(),
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(seconds, 1), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "loss_window": window,
+        "loss_first": sum(losses[:window]) / window,
+        "loss_last": sum(losses[-window:]) / window,
+        "loss_curve": [round(sum(losses[i:i + 50]) / len(losses[i:i + 50]), 4)
+                       for i in range(0, len(losses), 50)],
+        "metrics": metrics,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log(f"built {name} in {seconds:.0f}s: test {json.dumps(metrics['test'])}")
+    return out
+
+
+

@@ -1,0 +1,105 @@
+"""MiniVL: deterministic generation, disjoint splits, a tokenizer that covers every text, caching."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from mmprune.data.minivl import language, scenes
+from mmprune.data.minivl.source import MiniVLParams, load_task
+from mmprune.data.minivl.tasks import TASKS, build, split_of
+from mmprune.data.minivl.text import build_tokenizer
+
+SMALL = {"train": 120, "validation": 30, "test": 30}
+
+
+def fingerprint(dsd) -> str:
+    h = hashlib.sha256()
+    for split in ("train", "validation", "test"):
+        for row in dsd[split]:
+            for key in sorted(row):
+                v = row[key]
+                h.update(np.asarray(v).tobytes() if hasattr(v, "size") and not isinstance(v, str)
+                         else str(v).encode())
+    return h.hexdigest()
+
+
+def image_hashes(ds, key="image") -> set[str]:
+    return {hashlib.sha256(np.asarray(img).tobytes()).hexdigest() for img in ds[key]}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_same_seed_same_data_other_seed_other_data(task):
+    a, b = build(task, 0, SMALL, 48), build(task, 0, SMALL, 48)
+    assert fingerprint(a) == fingerprint(b)
+    assert fingerprint(build(task, 1, SMALL, 48)) != fingerprint(a)
+    assert {s: len(a[s]) for s in a} == SMALL
+
+
+@pytest.mark.parametrize("task", ["retrieval", "vqa", "instruct", "digits"])
+def test_splits_share_no_image(task):
+    d = build(task, 0, SMALL, 48)
+    train, val, test = (image_hashes(d[s]) for s in ("train", "validation", "test"))
+    assert not (train & val) and not (train & test) and not (val & test)
+
+
+def test_split_assignment_is_a_stable_80_10_10_hash():
+    splits = [split_of(f"scene{i}") for i in range(5000)]
+    share = {s: splits.count(s) / 5000 for s in ("train", "validation", "test")}
+    assert abs(share["train"] - 0.8) < 0.03 and abs(share["test"] - 0.1) < 0.02
+    assert split_of("scene7") == split_of("scene7")
+
+
+def test_digits_splits_use_disjoint_handwritten_samples():
+    from mmprune.data.minivl.tasks import _digit_pools
+    _, _, pools = _digit_pools()
+    assert not set(pools["train"]) & set(pools["test"]) and not set(pools["validation"]) & set(pools["test"])
+
+
+def test_scenes_have_redundant_background_and_salient_objects():
+    rng = np.random.default_rng(0)
+    scene = scenes.Scene((scenes.SceneObject("circle", "red", "small", 4),), 123)
+    img = scenes.render(scene, 64).astype(float)
+    centre = img[26:38, 26:38].reshape(-1, 3).mean(0)
+    assert centre[0] > 150 and centre[1] < 100        # the red circle is where the caption says
+    patches = img.reshape(8, 8, 8, 8, 3).std(axis=(1, 3)).mean(-1)
+    assert patches.std() > 0                             # backgrounds are textured, not flat
+    assert len({scenes.sample_scene(rng) for _ in range(50)}) == 50
+
+
+def test_language_varies_like_captions():
+    rng = np.random.default_rng(0)
+    scene = scenes.sample_scene(np.random.default_rng(3), 3, 3)
+    caps = {language.caption(scene, rng) for _ in range(40)}
+    lengths = {len(c.split()) for c in caps}
+    assert len(caps) > 20 and max(lengths) - min(lengths) >= 6
+
+
+@pytest.mark.parametrize("task,fields", [("retrieval", ["caption"]), ("vqa", ["question"]),
+                                         ("nlvr", ["statement"]), ("instruct", ["instruction", "answer"]),
+                                         ("digits", ["caption", "question", "answer"])])
+def test_tokenizer_covers_every_generated_text(task, fields):
+    tok = build_tokenizer()
+    d = build(task, 0, SMALL, 48)
+    for f in fields:
+        ids = tok(list(d["train"][f]))["input_ids"]
+        assert all(tok.unk_token_id not in row for row in ids), f
+
+
+def test_vqa_answers_are_balanced_enough():
+    d = build("vqa", 0, {"train": 800, "validation": 10, "test": 10}, 48)
+    counts = np.bincount(d["train"]["answer"])
+    assert counts.max() / counts.sum() < 0.15            # no answer dominates: chance stays low
+
+
+def test_nlvr_labels_are_balanced():
+    d = build("nlvr", 0, {"train": 400, "validation": 10, "test": 10}, 48)
+    assert 0.35 < np.mean(d["train"]["label"]) < 0.65
+
+
+def test_cached_load_is_identical(private_cache):
+    p = MiniVLParams(task="retrieval", train_size=40, validation_size=10, test_size=10, image_size=48)
+    first = load_task(p)
+    assert any((private_cache / "minivl").rglob("dataset_dict.json"))
+    assert fingerprint(load_task(p)) == fingerprint(first)
