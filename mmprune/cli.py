@@ -89,7 +89,8 @@ def run(recipe, out, overrides, resume, overwrite, quiet, strict_plugins):
 @user_errors
 def plan(recipe, overrides, strict_plugins):
     """Validate RECIPE, check every pass's requirements, and print the ordered plan."""
-    from mmprune.pipeline import format_plan, plan as make_plan
+    from mmprune.pipeline import format_plan
+    from mmprune.pipeline import plan as make_plan
     from mmprune.recipe import load_recipe
 
     reg = _registry(strict_plugins)

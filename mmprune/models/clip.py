@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel
 
 from mmprune.errors import MMPruneError
-from mmprune.models.base import Adapter, AttentionSite, MLPSite, TokenSiteSpec, TowerSpec
+from mmprune.models.base import (
+    Adapter,
+    AttentionSite,
+    MLPSite,
+    TokenSiteSpec,
+    TowerSpec,
+)
 
 TOWER_PATHS = {"vision": "vision_model", "language": "text_model"}
 

@@ -10,7 +10,14 @@ import re
 
 import numpy as np
 
-from mmprune.data.minivl.scenes import COLORS, POSITIONS, SHAPES, SIZES, Scene, SceneObject
+from mmprune.data.minivl.scenes import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    SceneObject,
+)
 
 NUMBERS = ("zero", "one", "two", "three", "four")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

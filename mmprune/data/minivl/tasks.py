@@ -13,7 +13,13 @@ import datasets
 import numpy as np
 
 from mmprune.data.minivl import language
-from mmprune.data.minivl.scenes import POSITIONS, Scene, paste_digit, render, sample_scene
+from mmprune.data.minivl.scenes import (
+    POSITIONS,
+    Scene,
+    paste_digit,
+    render,
+    sample_scene,
+)
 
 TASKS = ("retrieval", "vqa", "nlvr", "instruct", "digits")
 SPLITS = ("train", "validation", "test")
@@ -119,7 +125,9 @@ def _digit_pools() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
 def _digits(size: int):
     images, targets, pools = _digit_pools()
     scale = max(1, size // 24)
-    from mmprune.data.minivl.scenes import _background  # same textured backgrounds as the scenes
+    from mmprune.data.minivl.scenes import (
+        _background,  # same textured backgrounds as the scenes
+    )
 
     def make(rng):
         split = SPLITS[int(rng.choice(3, p=[0.8, 0.1, 0.1]))]
