@@ -42,7 +42,7 @@ def to_markdown(report: dict) -> str:
         f"| latency (batch {report['latency']['batch_size']}) | {b['latency_ms']:.2f} ms | "
         f"{f['latency_ms']:.2f} ms | {r['speedup']:.2f}× speedup |",
         "", f"FLOPs: {report['flops_convention']}. Pruning targets are met at the validation "
-        "split's mean token counts, so the FLOPs cut measured here can differ slightly. Latency: {report['latency']['method']}, "
+        f"split's mean token counts, so the FLOPs cut measured here can differ slightly. Latency: {report['latency']['method']}, "
         f"{report['latency']['repeats']} repeats, {report['latency']['threads']} threads.", "",
         "## Passes", "", "| # | pass | seconds | peak RSS (MB) |", "|---:|---|---:|---:|"]
     for i, p in enumerate(report["passes"]):

@@ -44,6 +44,9 @@ def test_report_follows_the_contract(write_recipe, registry, tmp_path):
     assert all(p["seconds"] >= 0 and p["peak_rss_mb"] > 0 for p in on_disk["passes"])
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
     assert (out / "report.md").exists() and (out / "plots" / "structure.png").stat().st_size > 1000
+    md = (out / "report.md").read_text()
+    assert "{" not in md.replace("{\"tiny\": \"clip\"}", "")  # no unformatted placeholders
+    assert "interleaved" in md and f"{on_disk['final']['metrics']['r1_mean']:.2f}" in md
 
 
 def test_exported_model_reproduces_final_metrics(write_recipe, registry, tmp_path):
