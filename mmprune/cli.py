@@ -24,6 +24,16 @@ def _registry(strict: bool):
     return reg
 
 
+def _planned(recipe: Path, overrides: tuple[str, ...], strict: bool):
+    """Load, override, validate and plan a recipe: every check that needs no model."""
+    from mmprune.pipeline import plan
+    from mmprune.recipe import load_recipe
+
+    reg = _registry(strict)
+    rec = load_recipe(recipe, reg, tuple(overrides))
+    return rec, plan(rec, reg)
+
+
 def user_errors(fn):
     """Turn MMPruneError (and its kin) into a one-paragraph message and a non-zero exit."""
     @functools.wraps(fn)
@@ -90,12 +100,9 @@ def run(recipe, out, overrides, resume, overwrite, quiet, strict_plugins):
 def plan(recipe, overrides, strict_plugins):
     """Validate RECIPE, check every pass's requirements, and print the ordered plan."""
     from mmprune.pipeline import format_plan
-    from mmprune.pipeline import plan as make_plan
-    from mmprune.recipe import load_recipe
 
-    reg = _registry(strict_plugins)
-    rec = load_recipe(recipe, reg, tuple(overrides))
-    click.echo(format_plan(rec, make_plan(rec, reg)))
+    rec, planned = _planned(recipe, overrides, strict_plugins)
+    click.echo(format_plan(rec, planned))
 
 
 @main.command()
@@ -105,12 +112,7 @@ def plan(recipe, overrides, strict_plugins):
 @user_errors
 def validate(recipe, overrides, strict_plugins):
     """Validate RECIPE (schema, pass names, parameters, requirements) without loading a model."""
-    from mmprune.pipeline import plan as make_plan
-    from mmprune.recipe import load_recipe
-
-    reg = _registry(strict_plugins)
-    rec = load_recipe(recipe, reg, tuple(overrides))
-    make_plan(rec, reg)
+    rec, _ = _planned(recipe, overrides, strict_plugins)
     click.echo(f"{recipe}: valid ({len(rec.passes)} passes)")
 
 

@@ -2,53 +2,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from mmprune.models.base import AttentionSite, MLPSite, TokenSiteSpec
 
 
 @dataclass
-class HeadGroup:
-    """The attention heads of one module. `kept` are original head indices still present."""
+class UnitGroup:
+    """The units of one module. `kept` are the original indices still present."""
 
-    site: AttentionSite
+    site: AttentionSite | MLPSite
     total: int
     kept: list[int] = field(default_factory=list)
-    kind = "head"
+    kind: ClassVar[str]
+    suffix: ClassVar[str]
 
     @property
     def id(self) -> str:
-        return f"{self.site.tower}.{self.site.layer}.attn"
-
-    @property
-    def tower(self) -> str:
-        return self.site.tower
-
-    @property
-    def layer(self) -> int:
-        return self.site.layer
-
-    @property
-    def size(self) -> int:
-        return len(self.kept)
-
-    def channels(self, heads: list[int]) -> list[int]:
-        """Current channel indices of current head positions `heads` (whole heads, never split)."""
-        d = self.site.head_dim
-        return [h * d + j for h in heads for j in range(d)]
-
-
-@dataclass
-class ChannelGroup:
-    """The hidden channels of one MLP. `kept` are original channel indices still present."""
-
-    site: MLPSite
-    total: int
-    kept: list[int] = field(default_factory=list)
-    kind = "channel"
-
-    @property
-    def id(self) -> str:
-        return f"{self.site.tower}.{self.site.layer}.mlp"
+        return f"{self.site.tower}.{self.site.layer}.{self.suffix}"
 
     @property
     def tower(self) -> str:
@@ -63,7 +34,31 @@ class ChannelGroup:
         return len(self.kept)
 
     def channels(self, units: list[int]) -> list[int]:
+        """Current channel indices of the units at current positions `units`."""
         return list(units)
+
+
+@dataclass
+class HeadGroup(UnitGroup):
+    """The attention heads of one module."""
+
+    site: AttentionSite
+    kind: ClassVar[str] = "head"
+    suffix: ClassVar[str] = "attn"
+
+    def channels(self, heads: list[int]) -> list[int]:
+        """Whole heads only: every channel of each head, never part of one."""
+        d = self.site.head_dim
+        return [h * d + j for h in heads for j in range(d)]
+
+
+@dataclass
+class ChannelGroup(UnitGroup):
+    """The hidden channels of one MLP."""
+
+    site: MLPSite
+    kind: ClassVar[str] = "channel"
+    suffix: ClassVar[str] = "mlp"
 
 
 @dataclass(frozen=True)
@@ -75,6 +70,3 @@ class TokenSite:
     @property
     def id(self) -> str:
         return f"{self.spec.tower}.{self.spec.layer}.tokens"
-
-
-UnitGroup = HeadGroup | ChannelGroup
