@@ -18,8 +18,9 @@ def mmprune_passes() -> list[type]:
 @hookimpl
 def mmprune_models() -> list[type]:
     from mmprune.models.clip import CLIPAdapter
+    from mmprune.models.siglip import SiglipAdapter
 
-    return [CLIPAdapter]
+    return [CLIPAdapter, SiglipAdapter]
 
 
 @hookimpl
