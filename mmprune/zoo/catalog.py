@@ -31,4 +31,9 @@ CATALOG: dict[str, ZooEntry] = {e.name: e for e in [
              batch_size=64, lr=1e-3,
              description="CLIPModel, ViT 4x128 (64 px, patch 8: 65 tokens) + text 4x128, MLP ratio 4, "
                          "trained contrastively on MiniVL retrieval"),
+    # digits collapse at the retrieval model's 2x-higher rates (loss pinned at ln(batch)); 5e-4 learns
+    ZooEntry("clip-minivl-digits", "clip", "digits", _clip_config(128, 4, 4), steps=1000,
+             batch_size=64, lr=5e-4,
+             description="the clip-minivl architecture trained on scenes of real handwritten digits "
+                         "(scikit-learn's), captioned by digit and position"),
 ]}

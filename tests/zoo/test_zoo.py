@@ -13,7 +13,8 @@ from mmprune.models.clip import CLIPAdapter
 from mmprune.zoo.build import MANIFEST, build, is_built, zoo_dir
 from mmprune.zoo.catalog import CATALOG
 
-SMOKE = {"steps": 80, "batch_size": 32, "warmup": 5, "lr": 2e-3,
+# each entry's own learning rate; 120 steps of 32 over 256 examples is enough to learn at it
+SMOKE = {"steps": 120, "batch_size": 32, "warmup": 10,
          "data": {"train_size": 256, "validation_size": 64, "test_size": 64}}
 
 
@@ -31,7 +32,7 @@ def test_loss_goes_down(smoke_builds, name):
     # contrastive loss at chance is ln(batch): learning means ending clearly below it
     assert m["loss_last"] < math.log(SMOKE["batch_size"]) - 0.3, m["loss_curve"]
     assert m["loss_last"] < m["loss_first"] * 0.9, m["loss_curve"]
-    assert m["entry"]["steps"] == 80 and m["params"] > 1_000_000
+    assert m["entry"]["steps"] == 120 and m["params"] > 1_000_000
     assert set(m["metrics"]["test"]) >= {"r1_mean"}
 
 
