@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmprune.data.batching import collate_rows, iterate_batches
+from mmprune.data.batching import iterate_batches
 from mmprune.errors import MMPruneError, did_you_mean
 from mmprune.graph import ModelGraph
 from mmprune.models.base import Adapter
@@ -62,10 +62,6 @@ class Context:
         yield from iterate_batches(self.adapter, self.examples(split, max_examples), batch_size,
                                    shuffle=shuffle, seed=self.seed if seed is None else seed,
                                    drop_last=drop_last)
-
-    def collate_rows(self, ds: datasets.Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
-        """The adapter's batch of rows `indices` of `ds`."""
-        return collate_rows(self.adapter, ds, indices)
 
     def progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
         return tqdm(iterable, desc=desc, total=total, leave=False, disable=not self.show_progress,

@@ -10,16 +10,19 @@ import torch
 
 from mmprune import quant
 from mmprune.context import Context
+from mmprune.data.batching import collate_rows
 from mmprune.models.base import Adapter
 from mmprune.recipe import EvaluationSpec
 
 
-def flops_over_split(ctx: Context, split: str, batch_size: int,
-                     max_examples: int | None = None) -> dict[str, float]:
-    """Analytic FLOPs per example with each example's real token counts: mean, p5, p95."""
+def flops_stats(ctx: Context, token_counts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Analytic FLOPs per example from each example's real token counts: mean, p5, p95.
+
+    `token_counts` holds `adapter.tokens_per_example` of every evaluated batch, recorded while
+    the metrics were computed, so the split is not collated a second time.
+    """
     per_example = []
-    for batch in ctx.batches(split, batch_size, max_examples=max_examples):
-        counts = ctx.adapter.tokens_per_example(batch)
+    for counts in token_counts:
         towers = list(counts)
         for i in range(len(counts[towers[0]])):
             per_example.append(ctx.graph.cost.flops({t: float(counts[t][i]) for t in towers}))
@@ -40,7 +43,7 @@ def param_count(ctx: Context) -> int:
 def latency_batch(ctx: Context, spec: EvaluationSpec) -> dict[str, torch.Tensor]:
     """A batch of `latency_batch_size` examples from the evaluation split (cycled if short)."""
     ds = ctx.examples(spec.split)
-    return ctx.collate_rows(ds, [i % len(ds) for i in range(spec.latency_batch_size)])
+    return collate_rows(ctx.adapter, ds, [i % len(ds) for i in range(spec.latency_batch_size)])
 
 
 @torch.inference_mode()
@@ -71,11 +74,18 @@ def measure(ctx: Context, spec: EvaluationSpec, *, with_latency: bool = True) ->
     ctx.model.eval()
     total = len(ctx.examples(spec.split, spec.max_examples))
     n_batches = -(-total // spec.batch_size)
+    token_counts: list[dict[str, torch.Tensor]] = []
+
+    def counted(batches):
+        for batch in batches:
+            token_counts.append(ctx.adapter.tokens_per_example(batch))
+            yield batch
+
     batches = ctx.progress(ctx.batches(spec.split, spec.batch_size, max_examples=spec.max_examples),
                            f"evaluate[{spec.split}]", total=n_batches)
     with torch.inference_mode():
-        metrics = ctx.adapter.evaluate(batches, ctx.task)
-    flops = flops_over_split(ctx, spec.split, spec.batch_size, spec.max_examples)
+        metrics = ctx.adapter.evaluate(counted(batches), ctx.task)
+    flops = flops_stats(ctx, token_counts)
     out = {"split": spec.split, "examples": total, "metrics": metrics,
            "flops": flops["mean"], "flops_p5": flops["p5"], "flops_p95": flops["p95"],
            "flops_by_tower": ctx.graph.cost.breakdown(), "params": param_count(ctx),

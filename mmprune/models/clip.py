@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,11 @@ class CLIPAdapter(Adapter):
     model_class = CLIPModel
     tasks = ("retrieval", "digits")
     headline_metric = {"retrieval": "r1_mean", "digits": "r1_mean"}
+    #: SigLIP-style text: padded to the full length and pooled at the last position, no mask
+    text_to_max_length: ClassVar[bool] = False
+    text_attention_mask: ClassVar[bool] = True
+    #: tokens the vision tower adds to its patches (CLIP's CLS; SigLIP has none)
+    vision_extra_tokens: ClassVar[int] = 1
 
     @classmethod
     def default_processors(cls, model: CLIPModel):
@@ -125,21 +131,25 @@ class CLIPAdapter(Adapter):
         ids[:, 0], ids[:, -1] = spec["bos_token_id"], spec["eos_token_id"]
         px = torch.randn(batch_size, spec["num_channels"], spec["image_size"], spec["image_size"],
                          generator=g)
-        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px)
+        return {**self._text(ids, torch.ones_like(ids)), "pixel_values": px}
+
+    def _text(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(input_ids=ids, attention_mask=mask) if self.text_attention_mask else dict(input_ids=ids)
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if "input_ids" not in examples[0]:
             return self._collate_raw(examples)
         pad = self.model.config.text_config.pad_token_id or 0
-        longest = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), longest), pad, dtype=torch.long)
+        max_len = self.model.config.text_config.max_position_embeddings
+        rows = [torch.as_tensor(e["input_ids"])[:max_len] for e in examples]
+        length = max_len if self.text_to_max_length else max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.as_tensor(e["input_ids"])
-            mask[i, :n] = 1
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = row
+            mask[i, :len(row)] = 1
         px = torch.stack([torch.as_tensor(e["pixel_values"], dtype=torch.float32) for e in examples])
-        return dict(input_ids=ids, attention_mask=mask, pixel_values=px)
+        return {**self._text(ids, mask), "pixel_values": px}
 
     def _collate_raw(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Rows with an `image` and a `caption`: the model's own tokenizer and image processor."""
@@ -147,16 +157,20 @@ class CLIPAdapter(Adapter):
             raise MMPruneError("this model has no tokenizer / image processor, so it cannot read "
                                "raw images and captions; use a model directory that includes them.")
         max_len = self.model.config.text_config.max_position_embeddings
-        enc = self.tokenizer([e["caption"] for e in examples], padding=True, truncation=True,
-                             max_length=max_len, return_tensors="pt")
+        enc = self.tokenizer([e["caption"] for e in examples], truncation=True, max_length=max_len,
+                             padding="max_length" if self.text_to_max_length else True,
+                             return_tensors="pt")
         px = self.image_processor([e["image"] for e in examples], return_tensors="pt")["pixel_values"]
-        return dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=px)
+        return {**self._text(enc["input_ids"], enc["attention_mask"]), "pixel_values": px}
 
     def tokens_per_example(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         vcfg = self.model.config.vision_config
-        b = batch["pixel_values"].shape[0]
-        vision = torch.full((b,), (vcfg.image_size // vcfg.patch_size) ** 2 + 1, dtype=torch.float64)
-        return {"vision": vision, "language": batch["attention_mask"].sum(1).double()}
+        b, n = batch["input_ids"].shape
+        patches = (vcfg.image_size // vcfg.patch_size) ** 2
+        vision = torch.full((b,), patches + self.vision_extra_tokens, dtype=torch.float64)
+        mask = batch.get("attention_mask")  # without one, every (padded) position is computed
+        language = mask.sum(1).double() if mask is not None else torch.full((b,), n, dtype=torch.float64)
+        return {"vision": vision, "language": language}
 
     def task_loss(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
         out = self.model(**batch)
@@ -172,7 +186,7 @@ class CLIPAdapter(Adapter):
                                                   pixel_values=batch["pixel_values"]), dim=-1))
             txt.append(F.normalize(self._features(self.model.get_text_features,
                                                   input_ids=batch["input_ids"],
-                                                  attention_mask=batch["attention_mask"]), dim=-1))
+                                                  attention_mask=batch.get("attention_mask")), dim=-1))
         sim = torch.cat(img) @ torch.cat(txt).T
         m = {"i2t_r1": recall_at_k(sim, 1), "i2t_r5": recall_at_k(sim, 5),
              "t2i_r1": recall_at_k(sim.T, 1), "t2i_r5": recall_at_k(sim.T, 5)}

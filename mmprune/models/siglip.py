@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from transformers import SiglipConfig, SiglipModel
 
-from mmprune.errors import MMPruneError
 from mmprune.models.clip import CLIPAdapter, _merge
 from mmprune.models.processors import square_image_processor
 
@@ -26,6 +25,9 @@ class SiglipAdapter(CLIPAdapter):
     name = "siglip"
     model_types = ("siglip",)
     model_class = SiglipModel
+    text_to_max_length = True
+    text_attention_mask = False
+    vision_extra_tokens = 0
 
     @classmethod
     def tiny_model(cls, seed: int, overrides: dict | None = None) -> SiglipModel:
@@ -56,40 +58,5 @@ class SiglipAdapter(CLIPAdapter):
         return [TokenSiteSpec(t, i, ("last",) if t == "language" else ())
                 for t in ("vision", "language") for i in range(len(self._layers(t)))]
 
-    def example_inputs(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
-        inputs = super().example_inputs(batch_size)
-        inputs.pop("attention_mask")
-        return inputs
-
-    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """SigLIP pads text to the full length and pools its last position: no attention mask."""
-        length = self.model.config.text_config.max_position_embeddings
-        if "input_ids" in examples[0]:
-            pad = self.model.config.text_config.pad_token_id or 0
-            ids = torch.full((len(examples), length), pad, dtype=torch.long)
-            for i, e in enumerate(examples):
-                row = torch.as_tensor(e["input_ids"])[:length]
-                ids[i, :len(row)] = row
-            px = torch.stack([torch.as_tensor(e["pixel_values"], dtype=torch.float32) for e in examples])
-            return dict(input_ids=ids, pixel_values=px)
-        if self.tokenizer is None or self.image_processor is None:
-            raise MMPruneError("this model has no tokenizer / image processor, so it cannot read "
-                               "raw images and captions; use a model directory that includes them.")
-        enc = self.tokenizer([e["caption"] for e in examples], padding="max_length", truncation=True,
-                             max_length=length, return_tensors="pt")
-        px = self.image_processor([e["image"] for e in examples], return_tensors="pt")["pixel_values"]
-        return dict(input_ids=enc["input_ids"], pixel_values=px)
-
-    def tokens_per_example(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        vcfg = self.model.config.vision_config
-        b, n = batch["input_ids"].shape
-        vision = torch.full((b,), (vcfg.image_size // vcfg.patch_size) ** 2, dtype=torch.float64)
-        return {"vision": vision, "language": torch.full((b,), n, dtype=torch.float64)}
-
     def task_loss(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
         return self.model(**batch, return_loss=True).loss
-
-    @torch.no_grad()
-    def evaluate(self, batches, task: str) -> dict[str, float]:
-        # CLIP's retrieval metrics read `attention_mask`; SigLIP batches have none
-        return super().evaluate(({**b, "attention_mask": None} for b in batches), task)
