@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mmprune.errors import MMPruneError
+
 
 @dataclass(frozen=True)
 class AttentionSite:
@@ -86,17 +88,21 @@ class Adapter:
         return None, None
 
     # ---- structure
+    def _undescribed(self, what: str) -> MMPruneError:
+        return MMPruneError(f"the '{self.name}' adapter does not describe its {what} yet, so mmprune "
+                            "cannot trace, measure or prune this model; it can train and evaluate it.")
+
     def attention_sites(self) -> list[AttentionSite]:
-        raise NotImplementedError
+        raise self._undescribed("attention modules")
 
     def mlp_sites(self) -> list[MLPSite]:
-        raise NotImplementedError
+        raise self._undescribed("MLP modules")
 
     def token_sites(self) -> list[TokenSiteSpec]:
         return []
 
     def towers(self) -> list[TowerSpec]:
-        raise NotImplementedError
+        raise self._undescribed("towers")
 
     def example_inputs(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
         raise NotImplementedError

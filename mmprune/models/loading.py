@@ -14,10 +14,15 @@ from mmprune.plugins.manager import Registry
 from mmprune.saved import Bundle, is_saved_model, load_bundle
 
 
-def adapter_for(model_type: str, registry: Registry) -> type[Adapter]:
-    for cls in registry.models.values():
-        if model_type in cls.model_types:
+def adapter_for(model_type: str, registry: Registry, architectures=None) -> type[Adapter]:
+    """The adapter for a config; where several handle its model_type (BLIP's retrieval and VQA
+    heads share one), the one whose model class the config's `architectures` names."""
+    matches = [c for c in registry.models.values() if model_type in c.model_types]
+    for cls in matches:
+        if cls.model_class.__name__ in (architectures or ()):
             return cls
+    if matches:
+        return matches[0]
     known = sorted(t for c in registry.models.values() for t in c.model_types)
     raise ModelLoadError(f"no adapter handles model_type '{model_type}'. Supported: {', '.join(known)}.")
 
@@ -53,7 +58,7 @@ def _from_pretrained(location: str, registry: Registry, attn: str, what: str):
             raise _offline_error(what, location, str(exc).splitlines()[0]) from None
         raise ModelLoadError(f"{what} '{location}' has no readable config.json: "
                              f"{str(exc).splitlines()[0]}") from None
-    cls = adapter_for(config.model_type, registry)
+    cls = adapter_for(config.model_type, registry, getattr(config, "architectures", None))
     try:  # safetensors only: a checkpoint that has nothing but pickled weights is refused
         model = cls.model_class.from_pretrained(location, attn_implementation=attn,
                                                 use_safetensors=True).eval()

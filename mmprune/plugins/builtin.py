@@ -18,9 +18,12 @@ def mmprune_passes() -> list[type]:
 @hookimpl
 def mmprune_models() -> list[type]:
     from mmprune.models.clip import CLIPAdapter
+    from mmprune.models.blip import BlipRetrievalAdapter, BlipVQAAdapter
+    from mmprune.models.llava import LlavaAdapter
     from mmprune.models.siglip import SiglipAdapter
 
-    return [CLIPAdapter, SiglipAdapter]
+    return [CLIPAdapter, SiglipAdapter, BlipRetrievalAdapter, BlipVQAAdapter,
+            LlavaAdapter]
 
 
 @hookimpl

@@ -55,6 +55,37 @@ def evaluate_split(adapter, ds, task: str, batch_size: int = 128) -> dict[str, f
         return adapter.evaluate(iterate_batches(adapter, ds, batch_size), task)
 
 
+def initialise(model, e: ZooEntry, log) -> dict:
+    """Copy weights from the zoo model (or directory) `e.init_from`: `e.init_map` maps each target
+    prefix to the source prefix it is copied from.
+
+    The way real VLMs start: LLaVA from a trained CLIP ViT, BLIP's VQA and NLVR models from the
+    pre-trained BLIP. Every mapped source tensor must land on a same-shaped target.
+    """
+    from mmprune.plugins.manager import get_registry
+
+    src = Path(e.init_from) if Path(e.init_from).is_dir() else build(e.init_from, log=log)
+    blob = (src / "model.safetensors").read_bytes()
+    # through from_pretrained, not the file: transformers may store other key names on disk
+    parent = get_registry().models[json.loads((src / MANIFEST).read_text())["family"]]
+    weights = parent.model_class.from_pretrained(src).state_dict()
+    target = model.state_dict()
+    copied = {}
+    for new, old in e.init_map.items():
+        for key, value in weights.items():
+            if key.startswith(old):
+                dst = new + key[len(old):]
+                if dst not in target or target[dst].shape != value.shape:
+                    raise MMPruneError(f"zoo model '{e.name}': cannot initialise {dst} from "
+                                       f"{src.name}:{key} (missing or another shape)")
+                copied[dst] = value
+    if not copied:
+        raise MMPruneError(f"zoo model '{e.name}': nothing in {src} matches {e.init_map}")
+    model.load_state_dict(copied, strict=False)
+    return {"source": src.name, "sha256": hashlib.sha256(blob).hexdigest()[:16], "tensors": len(copied),
+            "params": int(sum(v.numel() for v in copied.values()))}
+
+
 def build(name: str, *, force: bool = False, progress: bool = True, log=print,
           override: dict | None = None, directory: Path | None = None) -> Path:
     """Train zoo model `name` into its cache directory (or `directory`) and return that directory.
@@ -70,13 +101,14 @@ def build(name: str, *, force: bool = False, progress: bool = True, log=print,
     cls = get_registry().models[e.family]
     data = load_task(MiniVLParams(task=e.task, **e.data))
     model = cls.tiny_model(0, e.config)
+    initialised = initialise(model, e, log) if e.init_from else {}
     adapter = cls(model, *cls.default_processors(model))
     if adapter.tokenizer is None:
         raise MMPruneError(f"zoo model '{name}': its config does not fit the MiniVL tokenizer.")
     log(f"building zoo model {name}: {e.steps} steps of {e.batch_size} on MiniVL {e.task}")
     t0 = time.perf_counter()
     losses = train(adapter, data["train"], e.task, steps=e.steps, batch_size=e.batch_size, lr=e.lr,
-                   warmup=e.warmup, weight_decay=e.weight_decay, progress=progress)
+                   warmup=e.warmup, weight_decay=e.weight_decay, progress=progress, freeze=e.freeze)
     seconds = time.perf_counter() - t0
     metrics = {s: evaluate_split(adapter, data[s], e.task) for s in ("validation", "test")}
     window = max(1, min(50, len(losses) // 4))  # mean loss over the first and last quarter (<= 50 steps)
@@ -90,6 +122,7 @@ def build(name: str, *, force: bool = False, progress: bool = True, log=print,
         "data": MiniVLParams(task=e.task, **e.data).model_dump(),
         "code_hash": zoo_code_hash(), "data_code_hash": code_hash(),
         "params": sum(p.numel() for p in model.parameters()),
+        "initialised_from": initialised,
         "train_seconds": round(seconds, 1), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": platform.machine(),
         "loss_window": window,

@@ -21,13 +21,22 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
 
 def train(adapter: Adapter, ds: datasets.Dataset, task: str, *, steps: int, batch_size: int,
           lr: float, warmup: int = 100, weight_decay: float = 0.05, seed: int = 0,
-          progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train `adapter.model` on `ds` for `steps` optimiser steps; returns the loss of every step."""
+          progress: bool = True, on_step: Callable[[int, float], None] | None = None,
+          freeze: tuple[str, ...] = ()) -> list[float]:
+    """Train `adapter.model` on `ds` for `steps` optimiser steps; returns the loss of every step.
+
+    Parameters whose names start with a `freeze` prefix are not trained.
+    """
     torch.manual_seed(seed)
     model = adapter.model
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    trained = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(not n.startswith(freeze) if freeze else True)
+        if p.requires_grad:
+            trained.append(p)
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, steps, min(warmup, steps)))
@@ -40,7 +49,7 @@ def train(adapter: Adapter, ds: datasets.Dataset, task: str, *, steps: int, batc
             loss = adapter.task_loss(batch, task)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
@@ -52,5 +61,7 @@ def train(adapter: Adapter, ds: datasets.Dataset, task: str, *, steps: int, batc
                 break
         epoch += 1
     bar.close()
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.eval()
     return losses

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from datasets import Dataset
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from mmprune.data.batching import collate_rows
-from mmprune.models.clip import CLIPAdapter
-from mmprune.zoo.build import MANIFEST, build, is_built, zoo_dir
+from mmprune.data.minivl.source import MiniVLParams, load_task
+from mmprune.plugins.manager import get_registry
+from mmprune.zoo.build import MANIFEST, build, evaluate_split, is_built, zoo_dir
 from mmprune.zoo.catalog import CATALOG
 
 # each entry's own learning rate; 120 steps of 32 over 256 examples is enough to learn at it
@@ -20,35 +21,62 @@ SMOKE = {"steps": 120, "batch_size": 32, "warmup": 10,
 
 @pytest.fixture(scope="module")
 def smoke_builds(tmp_path_factory):
-    """A reduced build of every zoo model: real architecture, real data, 40 real steps."""
+    """A reduced build of every zoo model: real architecture, real data, 120 real steps."""
     root = tmp_path_factory.mktemp("zoo")
-    return {name: build(name, override=SMOKE, directory=root / name, progress=False, log=lambda m: None)
-            for name in CATALOG}
+    built = {}
+    for name, e in CATALOG.items():  # parents come first in the catalog
+        override = dict(SMOKE, init_from=str(built[e.init_from])) if e.init_from else SMOKE
+        built[name] = build(name, override=override, directory=root / name, progress=False,
+                            log=lambda m: None)
+    return built
 
 
 @pytest.mark.parametrize("name", list(CATALOG))
 def test_loss_goes_down(smoke_builds, name):
     m = json.loads((smoke_builds[name] / MANIFEST).read_text())
-    # contrastive loss at chance is ln(batch): learning means ending clearly below it
-    assert m["loss_last"] < math.log(SMOKE["batch_size"]) - 0.3, m["loss_curve"]
-    assert m["loss_last"] < m["loss_first"] * 0.9, m["loss_curve"]
+    assert m["loss_last"] < m["loss_first"] * 0.95, m["loss_curve"]
+    if CATALOG[name].family == "clip":
+        # contrastive loss at chance is ln(batch): learning means ending clearly below it
+        assert m["loss_last"] < math.log(SMOKE["batch_size"]) - 0.3, m["loss_curve"]
     assert m["entry"]["steps"] == 120 and m["params"] > 1_000_000
-    assert set(m["metrics"]["test"]) >= {"r1_mean"}
+    headline = get_registry().models[CATALOG[name].family].headline_metric[CATALOG[name].task]
+    assert headline in m["metrics"]["test"]
 
 
 @pytest.mark.parametrize("name", list(CATALOG))
 def test_saved_model_reloads_with_from_pretrained_identically(smoke_builds, name):
-    from datasets import Dataset
+    """The directory loads with plain transformers `from_pretrained` and reproduces, exactly, the
+    test metrics the build measured on the model in memory."""
     d = smoke_builds[name]
-    model = CLIPAdapter.model_class.from_pretrained(d).eval()
-    adapter = CLIPAdapter(model, AutoTokenizer.from_pretrained(d), AutoImageProcessor.from_pretrained(d))
-    from mmprune.data.minivl.source import MiniVLParams, load_task
-    data = load_task(MiniVLParams(task=CATALOG[name].task, **SMOKE["data"]))
-    batch = collate_rows(adapter, data["test"], list(range(4)))
-    again = CLIPAdapter.model_class.from_pretrained(d).eval()
-    with torch.no_grad():
-        assert torch.equal(model(**batch).logits_per_image, again(**batch).logits_per_image)
+    e = CATALOG[name]
+    cls = get_registry().models[e.family]
+    assert cls.model_class.__name__ in json.loads((d / "config.json").read_text())["architectures"]
+    model = cls.model_class.from_pretrained(d).eval()
+    adapter = cls(model, AutoTokenizer.from_pretrained(d), AutoImageProcessor.from_pretrained(d))
+    data = load_task(MiniVLParams(task=e.task, **SMOKE["data"]))
     assert isinstance(data["test"], Dataset)
+    manifest = json.loads((d / MANIFEST).read_text())
+    assert evaluate_split(adapter, data["test"], e.task) == manifest["metrics"]["test"]
+
+
+def test_llava_starts_from_the_clip_vit_and_keeps_it_frozen(smoke_builds):
+    from transformers import CLIPModel, LlavaForConditionalGeneration
+
+    clip = CLIPModel.from_pretrained(smoke_builds["clip-minivl"]).state_dict()
+    llava = LlavaForConditionalGeneration.from_pretrained(smoke_builds["llava-minivl"]).state_dict()
+    vit = {k: v for k, v in clip.items() if k.startswith("vision_model.")}
+    assert vit
+    for k, v in vit.items():
+        assert torch.equal(llava["model.vision_tower." + k[len("vision_model."):]], v), k
+    m = json.loads((smoke_builds["llava-minivl"] / MANIFEST).read_text())
+    assert m["initialised_from"]["tensors"] == len(vit)
+
+
+def test_blip_fine_tunes_start_from_the_pretrained_blip(smoke_builds):
+    for name in ("blip-minivl-nlvr", "blip-minivl-vqa"):
+        m = json.loads((smoke_builds[name] / MANIFEST).read_text())
+        assert m["initialised_from"]["source"] == "blip-minivl"
+        assert m["initialised_from"]["params"] > 500_000
 
 
 def test_build_is_cached_and_not_repeated(smoke_builds, tmp_path):

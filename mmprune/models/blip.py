@@ -1,0 +1,290 @@
+"""Adapters for HF BLIP: `BlipForImageTextRetrieval` (retrieval, NLVR) and `BlipForQuestionAnswering`.
+
+BLIP's text encoder is BERT-style with a cross-attention block in every layer: without image
+states it is the unimodal text encoder of the contrastive (ITC) head; with them it is the
+multimodal encoder of the image-text matching (ITM) head. NLVR uses the retrieval model unchanged:
+the two images are stitched side by side (position embeddings interpolated to the wider grid)
+and the ITM head's two logits read as false / true for the statement, so a zoo model loads with
+`BlipForImageTextRetrieval.from_pretrained` like any checkpoint.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionAnswering
+
+from mmprune.errors import MMPruneError
+from mmprune.models import inputs
+from mmprune.models.base import Adapter
+from mmprune.models.clip import _merge, recall_at_k
+
+TINY_CONFIG = dict(
+    text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=40, bos_token_id=2,
+                     sep_token_id=3, eos_token_id=3, pad_token_id=0),  # the MiniVL tokenizer's ids
+    # BlipVisionConfig defaults to initializer_range 1e-10 (meant for loading checkpoints): a
+    # ViT trained from that start maps every image to the same features for hundreds of steps
+    vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, image_size=32, patch_size=8, initializer_range=0.02),
+    image_text_hidden_size=64, projection_dim=64,
+)
+
+#: contrastive temperature (HF's BlipForImageTextRetrieval has no learnable one)
+ITC_TEMPERATURE = 0.07
+#: ITC candidates re-ranked by the ITM head at evaluation, as in BLIP's retrieval protocol
+RERANK_K = 8
+
+
+def _cross_attention_mask(module, args, kwargs):
+    """transformers' BlipTextLayer hands the cross-attention its mask as `attention_mask`, which
+    BlipTextSelfAttention ignores in cross mode (it reads `encoder_attention_mask`), so decoder
+    queries attend to the question's padding and answers depend on how a batch was padded.
+    Route the mask to where it is read."""
+    if kwargs.get("encoder_hidden_states") is not None and kwargs.get("encoder_attention_mask") is None:
+        kwargs["encoder_attention_mask"] = kwargs.get("attention_mask")
+    return args, kwargs
+
+
+def fix_cross_attention_masks(model) -> None:
+    for name, module in model.named_modules():
+        if name.endswith("crossattention.self") and not getattr(module, "_mmprune_mask_fix", False):
+            module.register_forward_pre_hook(_cross_attention_mask, with_kwargs=True)
+            module._mmprune_mask_fix = True
+
+
+class _BlipBase(Adapter):
+    model_types = ("blip",)
+
+    def __init__(self, model, tokenizer=None, image_processor=None):
+        super().__init__(model, tokenizer, image_processor)
+        fix_cross_attention_masks(model)
+
+    @classmethod
+    def tiny_model(cls, seed: int, overrides: dict | None = None):
+        torch.manual_seed(seed)
+        return cls.model_class(BlipConfig(**_merge(TINY_CONFIG, overrides or {}))).eval()
+
+    @classmethod
+    def default_processors(cls, model):
+        from mmprune.data.minivl.text import build_tokenizer
+        from mmprune.models.processors import square_image_processor
+
+        tcfg = model.config.text_config
+        tok = build_tokenizer(tcfg.max_position_embeddings)
+        size = model.config.vision_config.image_size
+        if len(tok) > tcfg.vocab_size or tok.eos_token_id != tcfg.sep_token_id:
+            return None, square_image_processor(size)
+        return tok, square_image_processor(size)
+
+    def input_spec(self) -> dict:
+        vcfg, tcfg = self.model.config.vision_config, self.model.config.text_config
+        return dict(image_size=vcfg.image_size, num_channels=vcfg.num_channels,
+                    vocab_size=tcfg.vocab_size, max_text_len=tcfg.max_position_embeddings,
+                    bos_token_id=tcfg.bos_token_id, eos_token_id=tcfg.sep_token_id,
+                    pad_token_id=tcfg.pad_token_id)
+
+    def _max_len(self) -> int:
+        return self.model.config.text_config.max_position_embeddings
+
+    def _vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        size = self.model.config.vision_config.image_size
+        wide = pixel_values.shape[-1] != size or pixel_values.shape[-2] != size
+        return self.model.vision_model(pixel_values=pixel_values,
+                                       interpolate_pos_encoding=wide).last_hidden_state
+
+    def tokens_per_example(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        patch = self.model.config.vision_config.patch_size
+        h, w = batch["pixel_values"].shape[-2:]
+        b = batch["pixel_values"].shape[0]
+        vision = torch.full((b,), (h // patch) * (w // patch) + 1, dtype=torch.float64)
+        return {"vision": vision, "language": batch["attention_mask"].sum(1).double()}
+
+    def example_inputs(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
+        spec = self.input_spec()
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(4, spec["vocab_size"], (batch_size, 8), generator=g)
+        ids[:, 0], ids[:, -1] = spec["bos_token_id"], spec["eos_token_id"]
+        px = torch.randn(batch_size, spec["num_channels"], spec["image_size"], spec["image_size"],
+                         generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": px}
+
+
+class BlipRetrievalAdapter(_BlipBase):
+    """`BlipForImageTextRetrieval`: ITC + ITM retrieval, and NLVR through the ITM head."""
+
+    name = "blip"
+    model_class = BlipForImageTextRetrieval
+    tasks = ("retrieval", "nlvr", "digits")
+    headline_metric = {"retrieval": "r1_mean", "digits": "r1_mean", "nlvr": "accuracy"}
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        inputs.require_processors(self)
+        first = examples[0]
+        if "statement" in first:  # NLVR: the pair stitched side by side
+            left = inputs.pixels(self, [e["image_left"] for e in examples])
+            right = inputs.pixels(self, [e["image_right"] for e in examples])
+            return {**inputs.text(self, [e["statement"] for e in examples], self._max_len()),
+                    "pixel_values": torch.cat([left, right], dim=-1),
+                    "labels": torch.tensor([int(e["label"]) for e in examples])}
+        if "caption" in first:
+            return {**inputs.text(self, [e["caption"] for e in examples], self._max_len()),
+                    "pixel_values": inputs.pixels(self, [e["image"] for e in examples])}
+        raise MMPruneError(f"BLIP retrieval model: rows with fields {sorted(first)} are neither "
+                           "image-caption (retrieval) nor image-pair-statement (nlvr) rows.")
+
+    # ---- heads
+    def _text_cls(self, batch, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {}
+        if image_embeds is not None:
+            kwargs = dict(encoder_hidden_states=image_embeds,
+                          encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long))
+        out = self.model.text_encoder(input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"], **kwargs)
+        return out.last_hidden_state[:, 0]
+
+    def _itc(self, image_embeds: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        img = F.normalize(self.model.vision_proj(image_embeds[:, 0]), dim=-1)
+        txt = F.normalize(self.model.text_proj(self._text_cls(batch)), dim=-1)
+        return img, txt
+
+    def _itm(self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        cls = self._text_cls({"input_ids": ids, "attention_mask": mask}, image_embeds)
+        return self.model.itm_head(cls)
+
+    def forward(self, batch):
+        image_embeds = self._vision(batch["pixel_values"])
+        return self._itm(image_embeds, batch["input_ids"], batch["attention_mask"])
+
+    # ---- task
+    def task_loss(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        image_embeds = self._vision(batch["pixel_values"])
+        if "labels" in batch:
+            logits = self._itm(image_embeds, batch["input_ids"], batch["attention_mask"])
+            return F.cross_entropy(logits, batch["labels"])
+        img, txt = self._itc(image_embeds, batch)
+        sim = img @ txt.T / ITC_TEMPERATURE
+        target = torch.arange(sim.shape[0])
+        itc = (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
+        return itc + self._itm_loss(image_embeds, batch, sim.detach())
+
+    def _itm_loss(self, image_embeds, batch, sim: torch.Tensor) -> torch.Tensor:
+        """BLIP's ITM loss: each positive pair plus a hard negative text and a hard negative image,
+        sampled in proportion to their contrastive similarity."""
+        b = sim.shape[0]
+        if b < 2:
+            return sim.new_zeros(())
+        weights = sim.softmax(dim=1).masked_fill(torch.eye(b, dtype=torch.bool), 0) + 1e-6
+        neg_text = torch.multinomial(weights, 1).squeeze(1)
+        neg_image = torch.multinomial(weights.T.contiguous(), 1).squeeze(1)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        embeds = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])
+        logits = self._itm(embeds, torch.cat([ids, ids[neg_text], ids]),
+                           torch.cat([mask, mask[neg_text], mask]))
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long()
+        return F.cross_entropy(logits, labels)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:
+        if task == "nlvr":
+            hits = []
+            for batch in batches:
+                hits += (self.forward(batch).argmax(-1) == batch["labels"]).tolist()
+            return {"accuracy": inputs.accuracy(hits)}
+        return self._retrieval_metrics(list(batches))
+
+    def _retrieval_metrics(self, batches: list[dict]) -> dict[str, float]:
+        embeds, img, txt, ids, masks = [], [], [], [], []
+        for batch in batches:
+            e = self._vision(batch["pixel_values"])
+            i, t = self._itc(e, batch)
+            embeds.append(e)
+            img.append(i)
+            txt.append(t)
+            ids += list(batch["input_ids"])
+            masks += list(batch["attention_mask"])
+        embeds, sim = torch.cat(embeds), torch.cat(img) @ torch.cat(txt).T
+        width = max(len(r) for r in ids)
+        ids = torch.stack([F.pad(r, (0, width - len(r))) for r in ids])
+        masks = torch.stack([F.pad(r, (0, width - len(r))) for r in masks])
+        m = {"itc_i2t_r1": recall_at_k(sim, 1), "itc_t2i_r1": recall_at_k(sim.T, 1)}
+        i2t = self._rerank(sim, lambda rows, cols: (embeds[rows], ids[cols], masks[cols]))
+        t2i = self._rerank(sim.T, lambda rows, cols: (embeds[cols], ids[rows], masks[rows]))
+        m.update(i2t_r1=recall_at_k(i2t, 1), i2t_r5=recall_at_k(i2t, 5),
+                 t2i_r1=recall_at_k(t2i, 1), t2i_r5=recall_at_k(t2i, 5))
+        m["r1_mean"] = (m["i2t_r1"] + m["t2i_r1"]) / 2
+        return m
+
+    def _rerank(self, sim: torch.Tensor, pairs, chunk: int = 256) -> torch.Tensor:
+        """Scores with each row's top-k ITC candidates re-scored by the ITM head (above the rest)."""
+        k = min(RERANK_K, sim.shape[1])
+        top = sim.topk(k, dim=1).indices
+        rows = torch.arange(sim.shape[0]).repeat_interleave(k)
+        cols = top.reshape(-1)
+        scores = []
+        for s in range(0, len(rows), chunk):
+            e, i, m = pairs(rows[s:s + chunk], cols[s:s + chunk])
+            width = int(m.sum(1).max())
+            logits = self._itm(e, i[:, :width], m[:, :width])
+            scores.append(logits[:, 1] - logits[:, 0])
+        out = torch.full_like(sim, float("-inf"))
+        out[rows, cols] = torch.cat(scores).to(out.dtype)
+        # candidates outside the top k keep their ITC order, below every re-ranked one
+        return torch.where(torch.isinf(out), sim - 1e4, out)
+
+
+class BlipVQAAdapter(_BlipBase):
+    """`BlipForQuestionAnswering`: answers generated by the text decoder (exact match)."""
+
+    name = "blip-vqa"
+    model_class = BlipForQuestionAnswering
+    tasks = ("vqa",)
+    headline_metric = {"vqa": "accuracy"}
+    max_answer_tokens: ClassVar[int] = 4
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        inputs.require_processors(self)
+        if "question" not in examples[0] or "answer" not in examples[0]:
+            raise MMPruneError(f"BLIP VQA model: rows need 'question' and 'answer' fields, got "
+                               f"{sorted(examples[0])}.")
+        q = inputs.text(self, [e["question"] for e in examples], self._max_len())
+        a = inputs.text(self, [str(e["answer"]) for e in examples], self.max_answer_tokens + 2)
+        labels = a["input_ids"].masked_fill(a["attention_mask"] == 0, -100)
+        return {**q, "pixel_values": inputs.pixels(self, [e["image"] for e in examples]),
+                "decoder_input_ids": a["input_ids"], "decoder_attention_mask": a["attention_mask"],
+                "labels": labels}
+
+    def task_loss(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def _question(self, batch) -> torch.Tensor:
+        image_embeds = self._vision(batch["pixel_values"])
+        return self.model.text_encoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long)).last_hidden_state
+
+    def forward(self, batch):
+        return self.generate(batch)
+
+    def generate(self, batch) -> torch.Tensor:
+        """Greedy answers; the decoder attends to the question without its padding (HF's
+        `generate` passes an all-ones mask over the question)."""
+        q = self._question(batch)
+        cfg = self.model.config.text_config
+        start = torch.full((q.shape[0], 1), cfg.bos_token_id, dtype=torch.long)
+        return self.model.text_decoder.generate(
+            input_ids=start, encoder_hidden_states=q, encoder_attention_mask=batch["attention_mask"],
+            eos_token_id=cfg.sep_token_id, pad_token_id=cfg.pad_token_id,
+            max_new_tokens=self.max_answer_tokens, do_sample=False)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:
+        hits = []
+        for batch in batches:
+            pred = self.tokenizer.batch_decode(self.generate(batch), skip_special_tokens=True)
+            gold = self.tokenizer.batch_decode(batch["decoder_input_ids"], skip_special_tokens=True)
+            hits += [p.strip() == g.strip() for p, g in zip(pred, gold)]
+        return {"accuracy": inputs.accuracy(hits)}

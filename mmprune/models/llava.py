@@ -1,0 +1,128 @@
+"""Adapter for HF `LlavaForConditionalGeneration`: a CLIP vision tower, a projector and a Llama
+decoder with grouped-query attention; instructions (and VQA questions) answered by generation.
+
+Prompt layout (the MiniVL tokenizer has no chat template): `[SOS] <image>×N instruction answer :`,
+then the answer and `[EOS]`. The loss covers the answer and `[EOS]` only.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from mmprune.errors import MMPruneError
+from mmprune.models import inputs
+from mmprune.models.base import Adapter
+from mmprune.models.clip import _merge
+
+IMAGE_TOKEN = "<image>"
+ANSWER_CUE = "answer:"
+
+TINY_CONFIG = dict(
+    vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=256,
+                       num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
+    text_config=dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=256,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     max_position_embeddings=256, bos_token_id=2, eos_token_id=3, pad_token_id=0),
+    image_token_index=121,  # the MiniVL tokenizer's vocabulary, then <image>
+    vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=16,
+)
+
+
+def llava_config(overrides: dict | None = None) -> LlavaConfig:
+    cfg = _merge(TINY_CONFIG, overrides or {})
+    v = cfg["vision_config"]
+    cfg["image_seq_length"] = (v["image_size"] // v["patch_size"]) ** 2  # CLS dropped ("default")
+    return LlavaConfig(**cfg)
+
+
+class LlavaAdapter(Adapter):
+    name = "llava"
+    model_types = ("llava",)
+    model_class = LlavaForConditionalGeneration
+    tasks = ("instruct", "vqa")
+    headline_metric = {"instruct": "exact_match", "vqa": "accuracy"}
+    max_answer_tokens = 4
+
+    @classmethod
+    def tiny_model(cls, seed: int, overrides: dict | None = None) -> LlavaForConditionalGeneration:
+        torch.manual_seed(seed)
+        return LlavaForConditionalGeneration(llava_config(overrides)).eval()
+
+    @classmethod
+    def default_processors(cls, model):
+        from mmprune.data.minivl.text import build_tokenizer
+        from mmprune.models.processors import square_image_processor
+
+        tok = build_tokenizer(model.config.text_config.max_position_embeddings)
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        ip = square_image_processor(model.config.vision_config.image_size)
+        fits = (tok.convert_tokens_to_ids(IMAGE_TOKEN) == model.config.image_token_id
+                and len(tok) <= model.config.text_config.vocab_size)
+        return (tok if fits else None), ip
+
+    # ---- data
+    def input_spec(self) -> dict:
+        vcfg, tcfg = self.model.config.vision_config, self.model.config.text_config
+        return dict(image_size=vcfg.image_size, num_channels=vcfg.num_channels,
+                    vocab_size=tcfg.vocab_size, max_text_len=tcfg.max_position_embeddings,
+                    bos_token_id=tcfg.bos_token_id, eos_token_id=tcfg.eos_token_id,
+                    pad_token_id=tcfg.pad_token_id, image_tokens=self.model.config.image_seq_length)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        inputs.require_processors(self)
+        first = examples[0]
+        key = "instruction" if "instruction" in first else "question" if "question" in first else None
+        if key is None or "answer" not in first:
+            raise MMPruneError(f"LLaVA model: rows need an 'instruction' (or 'question') and an "
+                               f"'answer', got {sorted(first)}.")
+        spec = self.input_spec()
+        head = [spec["bos_token_id"]] + [self.model.config.image_token_id] * spec["image_tokens"]
+        prompts = [head + self._ids(f"{e[key]} {ANSWER_CUE}") for e in examples]
+        answers = [self._ids(str(e["answer"]))[:self.max_answer_tokens] + [spec["eos_token_id"]]
+                   for e in examples]
+        pad = spec["pad_token_id"]
+        full = [p + a for p, a in zip(prompts, answers)]
+        ids = inputs.pad_right(full, pad)
+        mask = inputs.pad_right([[1] * len(f) for f in full], 0)
+        labels = inputs.pad_right([[-100] * len(p) + a for p, a in zip(prompts, answers)], -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                "pixel_values": inputs.pixels(self, [e["image"] for e in examples]),
+                "prompt_ids": inputs.pad_left(prompts, pad),
+                "prompt_mask": inputs.pad_left([[1] * len(p) for p in prompts], 0),
+                "answer_ids": inputs.pad_right(answers, pad)}
+
+    def tokens_per_example(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        b = batch["pixel_values"].shape[0]
+        vision = torch.full((b,), self.model.config.image_seq_length + 1, dtype=torch.float64)
+        return {"vision": vision, "language": batch["prompt_mask"].sum(1).double()}
+
+    # ---- task
+    def task_loss(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+
+    def generate(self, batch) -> torch.Tensor:
+        spec = self.input_spec()
+        out = self.model.generate(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"],
+                                  pixel_values=batch["pixel_values"], do_sample=False,
+                                  max_new_tokens=self.max_answer_tokens + 1,
+                                  eos_token_id=spec["eos_token_id"], pad_token_id=spec["pad_token_id"])
+        return out[:, batch["prompt_ids"].shape[1]:]
+
+    def forward(self, batch):
+        return self.generate(batch)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:
+        hits = []
+        for batch in batches:
+            pred = self.tokenizer.batch_decode(self.generate(batch), skip_special_tokens=True)
+            gold = self.tokenizer.batch_decode(batch["answer_ids"], skip_special_tokens=True)
+            hits += [p.strip() == g.strip() for p, g in zip(pred, gold)]
+        metric = self.headline_metric.get(task, "exact_match")
+        return {metric: inputs.accuracy(hits)}
