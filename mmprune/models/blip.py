@@ -282,9 +282,4 @@ class BlipVQAAdapter(_BlipBase):
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:
-        hits = []
-        for batch in batches:
-            pred = self.tokenizer.batch_decode(self.generate(batch), skip_special_tokens=True)
-            gold = self.tokenizer.batch_decode(batch["decoder_input_ids"], skip_special_tokens=True)
-            hits += [p.strip() == g.strip() for p, g in zip(pred, gold)]
-        return {"accuracy": inputs.accuracy(hits)}
+        return {"accuracy": inputs.generated_exact_match(self, batches, "decoder_input_ids")}

@@ -42,3 +42,13 @@ def pad_left(rows: list[list[int]], value: int) -> torch.Tensor:
 
 def accuracy(hits: list[bool]) -> float:
     return 100.0 * sum(hits) / max(1, len(hits))
+
+
+def generated_exact_match(adapter, batches, gold_key: str) -> float:
+    """Exact match (%) of `adapter.generate(batch)` against the token ids in `batch[gold_key]`."""
+    hits = []
+    for batch in batches:
+        pred = adapter.tokenizer.batch_decode(adapter.generate(batch), skip_special_tokens=True)
+        gold = adapter.tokenizer.batch_decode(batch[gold_key], skip_special_tokens=True)
+        hits += [p.strip() == g.strip() for p, g in zip(pred, gold)]
+    return accuracy(hits)

@@ -119,10 +119,5 @@ class LlavaAdapter(Adapter):
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:
-        hits = []
-        for batch in batches:
-            pred = self.tokenizer.batch_decode(self.generate(batch), skip_special_tokens=True)
-            gold = self.tokenizer.batch_decode(batch["answer_ids"], skip_special_tokens=True)
-            hits += [p.strip() == g.strip() for p, g in zip(pred, gold)]
         metric = self.headline_metric.get(task, "exact_match")
-        return {metric: inputs.accuracy(hits)}
+        return {metric: inputs.generated_exact_match(self, batches, "answer_ids")}
