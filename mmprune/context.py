@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,10 @@ class Context:
     show_progress: bool = True
     #: how measurements are taken (the recipe's `evaluation` block)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    #: where `log` sends lines (the pipeline's logger); None: tqdm.write when progress is shown
+    logger: Callable[[str], None] | None = None
+    #: loads a fresh copy of the run's dense source model (a distillation teacher); None: unavailable
+    load_dense: Callable[[], Adapter] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -62,6 +66,13 @@ class Context:
         yield from iterate_batches(self.adapter, self.examples(split, max_examples), batch_size,
                                    shuffle=shuffle, seed=self.seed if seed is None else seed,
                                    drop_last=drop_last)
+
+    def log(self, message: str) -> None:
+        """A line for the user, printed above any progress bar (silent when progress is off)."""
+        if self.logger is not None:
+            self.logger(message)
+        elif self.show_progress:
+            tqdm.write(message)
 
     def progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
         return tqdm(iterable, desc=desc, total=total, leave=False, disable=not self.show_progress,

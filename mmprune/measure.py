@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,22 +14,38 @@ from mmprune.context import Context
 from mmprune.data.batching import collate_rows
 from mmprune.models.base import Adapter
 from mmprune.recipe import EvaluationSpec
+from mmprune.runtime.runtime import runtime_of
 
 
-def flops_stats(ctx: Context, token_counts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Analytic FLOPs per example from each example's real token counts: mean, p5, p95.
+def flops_stats(ctx: Context, token_counts: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Analytic FLOPs per example from each example's real token counts: mean, p5, p95, by tower.
 
-    `token_counts` holds `adapter.tokens_per_example` of every evaluated batch, recorded while
-    the metrics were computed, so the split is not collated a second time.
+    `token_counts` holds, per evaluated batch, tokens per example at every unit group (see
+    `group_token_counts`), recorded while the metrics were computed.
     """
-    per_example = []
-    for counts in token_counts:
-        towers = list(counts)
-        for i in range(len(counts[towers[0]])):
-            per_example.append(ctx.graph.cost.flops({t: float(counts[t][i]) for t in towers}))
-    arr = np.asarray(per_example)
-    return {"mean": float(arr.mean()), "p5": float(np.percentile(arr, 5)),
-            "p95": float(np.percentile(arr, 95))}
+    cost = ctx.graph.cost
+    per_example = torch.cat([cost.flops_per_example(c) for c in token_counts]).numpy()
+    by_tower = {t: float(torch.cat([cost.flops_per_example(c, tower=t) for c in token_counts]).mean())
+                for t in cost.towers}
+    return {"mean": float(per_example.mean()), "p5": float(np.percentile(per_example, 5)),
+            "p95": float(np.percentile(per_example, 95)), "by_tower": by_tower}
+
+
+def group_token_counts(ctx: Context, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tokens per example [B] at every unit group for `batch`.
+
+    Without token pruning every block of a tower sees the tower's input tokens. With a token
+    runtime installed, the inference forward is run and each block's real counts are read.
+    """
+    per_tower = ctx.adapter.tokens_per_example(batch)
+    counts = {gid: per_tower[g.tower].double() for gid, g in ctx.graph.groups.items()
+              if g.tower in per_tower}
+    runtime = runtime_of(ctx.model)
+    if runtime is not None and runtime.policy()["towers"]:
+        with torch.inference_mode():
+            ctx.adapter.forward(batch)
+        counts.update(runtime.counts())
+    return counts
 
 
 def size_bytes(adapter: Adapter) -> int:
@@ -78,7 +95,7 @@ def measure(ctx: Context, spec: EvaluationSpec, *, with_latency: bool = True) ->
 
     def counted(batches):
         for batch in batches:
-            token_counts.append(ctx.adapter.tokens_per_example(batch))
+            token_counts.append(group_token_counts(ctx, batch))
             yield batch
 
     batches = ctx.progress(ctx.batches(spec.split, spec.batch_size, max_examples=spec.max_examples),
@@ -88,7 +105,7 @@ def measure(ctx: Context, spec: EvaluationSpec, *, with_latency: bool = True) ->
     flops = flops_stats(ctx, token_counts)
     out = {"split": spec.split, "examples": total, "metrics": metrics,
            "flops": flops["mean"], "flops_p5": flops["p5"], "flops_p95": flops["p95"],
-           "flops_by_tower": ctx.graph.cost.breakdown(), "params": param_count(ctx),
+           "flops_by_tower": flops["by_tower"], "params": param_count(ctx),
            "size_bytes": size_bytes(ctx.adapter), "latency_ms": None}
     if with_latency:
         out["latency_ms"] = latencies_ms([ctx.adapter], latency_batch(ctx, spec), spec)[0]

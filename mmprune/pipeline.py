@@ -187,7 +187,7 @@ def write_checkpoint(out: Path, label: str, ctx: Context, record: dict) -> None:
     final, tmp = root / label, root / f".{label}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save(tmp / "model", ctx.adapter, ctx.graph, ctx.state.get("token_policy"))
+    save(tmp / "model", ctx.adapter, ctx.graph)
     flat = {f"{fact}|{gid}": t.contiguous() for fact, d in ctx.scores.items() for gid, t in d.items()}
     if flat:
         save_file(flat, str(tmp / "scores.safetensors"))
@@ -318,6 +318,8 @@ def _execute(recipe: Recipe, registry: Registry, planned: list[PlannedPass], out
     seed_everything(recipe.seed)
     ctx = _load_context(recipe, registry, show_progress, ckpt)
     ctx.run_dir = out
+    ctx.logger = log
+    ctx.load_dense = lambda: load_model(recipe.model, registry, recipe.seed)[0]
     records: list[dict] = []
     baseline_file = out / CHECKPOINTS / "baseline.json"
     if ckpt is not None:

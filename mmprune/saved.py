@@ -1,7 +1,8 @@
 """The saved-model format: safetensors weights + HF config + `mmprune.json` structure spec.
 
 HF configs cannot express per-layer widths, so `mmprune.json` records, per unit group, which
-original heads / channels are kept, the token-pruning policy and the quantization. `load(dir)`
+original heads / channels are kept, the token-pruning policy (thresholds per tower and the
+blocks they act at, reinstalled as a TokenRuntime on load) and the quantization. `load(dir)`
 rebuilds the model from the config, re-applies that structure, quantizes the same layers and loads
 the weights. Nothing is unpickled.
 """
@@ -22,6 +23,7 @@ from mmprune.errors import ModelLoadError
 from mmprune.graph import ModelGraph, keep_units, trace
 from mmprune.models.base import Adapter
 from mmprune.models.processors import load_processors, save_processors
+from mmprune.runtime.runtime import TokenRuntime, runtime_of
 
 SPEC_FILE = "mmprune.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -55,6 +57,9 @@ def save(directory: str | Path, adapter: Adapter, graph: ModelGraph,
     directory.mkdir()
     model = adapter.model
     qnames = quant.quantized_names(model)
+    runtime = runtime_of(model)
+    if token_policy is None and runtime is not None and runtime.policy()["towers"]:
+        token_policy = runtime.policy()
     spec = {
         "format": "mmprune", "version": FORMAT_VERSION,
         "adapter": adapter.name, "model_class": type(model).__name__,
@@ -111,6 +116,8 @@ def load_bundle(directory: str | Path, registry=None) -> Bundle:
             raise ModelLoadError(f"{directory / SPEC_FILE}: '{gid}' has {group.total} units in the "
                                  f"config but the spec says {entry['total']}.")
         keep_units(graph, group, entry["kept"])
+    if spec.get("token_policy"):
+        TokenRuntime.attach(graph).apply_policy(spec["token_policy"])
     qnames = spec["quantization"]["modules"] if spec.get("quantization") else []
     try:
         quant.load_state_tensors(model, load_file(str(directory / WEIGHTS_FILE)), qnames)

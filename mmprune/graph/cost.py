@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
+
 from mmprune.graph.units import ChannelGroup, HeadGroup, UnitGroup
 from mmprune.models.base import TowerSpec
 
@@ -51,6 +53,28 @@ class CostModel:
             if tower in (None, g.tower):
                 total += self.group_flops(g, None if sizes is None else sizes.get(gid, g.size), tokens)
         return float(total)
+
+    def flops_per_example(self, counts: Mapping[str, torch.Tensor],
+                          sizes: Mapping[str, int] | None = None,
+                          tower: str | None = None) -> torch.Tensor:
+        """FLOPs of each example [B] from its own token counts at every unit group.
+
+        `counts` maps a group id to tokens per example (attention: tokens entering the block;
+        MLP: tokens kept after the block's token site), as `TokenRuntime.counts()` reports them.
+        Groups without counts use the tower default. Quadratic attention terms are evaluated per
+        example, so the mean of this is not the FLOPs at the mean token count.
+        """
+        b = len(next(iter(counts.values()))) if counts else 1
+        total = torch.full((b,), float(sum(t.extra_flops for name, t in self.towers.items()
+                                           if tower in (None, name))), dtype=torch.float64)
+        for gid, g in self.groups.items():
+            if tower not in (None, g.tower):
+                continue
+            n = counts.get(gid)
+            tokens = {**self.tokens, g.tower: n if n is not None else self.tokens[g.tower]}
+            total = total + self.group_flops(g, None if sizes is None else sizes.get(gid, g.size),
+                                             tokens)
+        return total
 
     def params(self, sizes: Mapping[str, int] | None = None) -> int:
         return self.fixed_params + sum(

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mmprune.errors import MMPruneError
+from mmprune.runtime.blocks import ManagedTowerSpec
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,10 @@ class Adapter:
     def towers(self) -> list[TowerSpec]:
         raise self._undescribed("towers")
 
+    def managed_towers(self) -> list[ManagedTowerSpec]:
+        """Towers the token-pruning runtime can run block by block (CoMP, token pruning)."""
+        raise self._undescribed("blocks for token pruning")
+
     def example_inputs(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -131,6 +136,10 @@ class Adapter:
 
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:
         raise NotImplementedError
+
+    def distill_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits [B, C] a pruned model is distilled on from its dense teacher (softmax over C)."""
+        raise self._undescribed("logits for distillation")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         """The inference forward whose latency is reported."""

@@ -16,6 +16,8 @@ from mmprune.models.base import (
     TokenSiteSpec,
     TowerSpec,
 )
+from mmprune.models.clip_blocks import PreNormBlockOps, clip_text_marks
+from mmprune.runtime.blocks import ManagedTowerSpec, first_token_marks
 
 TOWER_PATHS = {"vision": "vision_model", "language": "text_model"}
 
@@ -110,6 +112,15 @@ class CLIPAdapter(Adapter):
         return [TowerSpec("vision", vcfg.hidden_size, patch_embed + 2 * vcfg.hidden_size * proj),
                 TowerSpec("language", tcfg.hidden_size, 2 * tcfg.hidden_size * proj)]
 
+    def managed_towers(self) -> list[ManagedTowerSpec]:
+        if self.vision_extra_tokens != 1 or not self.text_attention_mask:
+            raise self._undescribed("token pooling (it pools without a CLS / EOT token)")
+        ops, eos = PreNormBlockOps(), self.model.config.text_config.eos_token_id
+        return [ManagedTowerSpec("vision", "vision_model", "vision_model.encoder", "layers", ops,
+                                 first_token_marks),
+                ManagedTowerSpec("language", "text_model", "text_model.encoder", "layers", ops,
+                                 clip_text_marks(eos), causal=True)]
+
     def set_num_heads(self, site: AttentionSite, num_heads: int) -> None:
         att = self.module(site.path)
         att.num_heads = num_heads
@@ -177,6 +188,9 @@ class CLIPAdapter(Adapter):
         labels = torch.arange(out.logits_per_text.shape[0])
         return (F.cross_entropy(out.logits_per_text, labels)
                 + F.cross_entropy(out.logits_per_image, labels)) / 2
+
+    def distill_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batch).logits_per_image  # each image's distribution over the batch's texts
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:

@@ -36,5 +36,5 @@ class Export(Pass):
         if target.exists() and any(target.iterdir()) and not is_saved_model(target):
             raise MMPruneError(f"export: {target} exists and is not an mmprune export; refusing to "
                                "write into it. Choose an empty or new directory.")
-        save(target, ctx.adapter, ctx.graph, ctx.state.get("token_policy"))
+        save(target, ctx.adapter, ctx.graph)
         ctx.state["export_path"] = str(target)

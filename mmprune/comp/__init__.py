@@ -1,0 +1,1 @@
+"""CoMP: collaborative importance (CIM), the multi-mode scheduler (MPS) and the search loop."""

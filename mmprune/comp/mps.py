@@ -1,0 +1,82 @@
+"""MPS mode choice (comp.md §5.2): smoothed cost per mode, history decay, random exploration.
+
+Pure bookkeeping, no model: the search loop asks `choose()` for the next stage's mode and tells
+`record()` what the stage cost. A dedicated RNG seeded from the run seed drives exploration, so
+the mode trajectory is reproducible and independent of data order and dropout.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+#: the canonical order: warm-up order and tie-break order
+CANONICAL = ("vision_tokens", "language_tokens", "vision_params", "language_params", "cross_params")
+
+
+def history_weight(gap: int, lambda0: float, i_max: int) -> float:
+    """Eq. (4): λ = max(λ₀ − (λ₀ / I_max)·(I − 1), 0) for a mode last run `gap` stages ago."""
+    return max(lambda0 - (lambda0 / i_max) * (gap - 1), 0.0)
+
+
+@dataclass
+class ModeScheduler:
+    modes: list[str]
+    rho: float = 0.2
+    tau: float = 5.0
+    lambda0: float = 0.4
+    i_max: int = 5
+    seed: int = 0
+    eps_flops: float = 1e-6
+    stage: int = 0
+    cost: dict[str, float] = field(default_factory=dict)       # R_b
+    last: dict[str, int] = field(default_factory=dict)
+    exhausted: set[str] = field(default_factory=set)
+    trajectory: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        unknown = [m for m in self.modes if m not in CANONICAL]
+        if unknown:
+            raise ValueError(f"unknown mode(s) {unknown}; modes are {', '.join(CANONICAL)}")
+        self.modes = [m for m in CANONICAL if m in self.modes]
+        self.last = {m: 0 for m in self.modes}
+        self._rng = random.Random(self.seed)
+
+    @property
+    def active(self) -> list[str]:
+        return [m for m in self.modes if m not in self.exhausted]
+
+    def choose(self) -> tuple[str, str] | None:
+        """(mode, why) for the next stage, or None when every mode is exhausted."""
+        active = self.active
+        if not active:
+            return None
+        self.stage += 1
+        fresh = [m for m in active if m not in self.cost]
+        if fresh:
+            return fresh[0], "warm-up"
+        if self._rng.random() < self.rho:
+            logits = [(self.stage - self.last[m]) / self.tau for m in active]
+            top = max(logits)
+            weights = [math.exp(x - top) for x in logits]
+            return self._rng.choices(active, weights=weights)[0], "explore"
+        return min(active, key=lambda m: (self.cost[m], self.modes.index(m))), "exploit"
+
+    def exhaust(self, mode: str) -> None:
+        """`mode` cannot remove a quantum any more: never choose it again; the stage did not run."""
+        self.exhausted.add(mode)
+        self.stage -= 1
+
+    def record(self, mode: str, q_before: float, q_after: float, f_before: float, f_after: float,
+               **log) -> float:
+        """Eqs. (3)-(5) after a stage of `mode`; F as a fraction of dense FLOPs. Returns r."""
+        r = (q_before - q_after) / max(f_before - f_after, self.eps_flops)
+        if mode in self.cost:
+            lam = history_weight(self.stage - self.last[mode], self.lambda0, self.i_max)
+            self.cost[mode] = lam * self.cost[mode] + (1 - lam) * r
+        else:
+            self.cost[mode] = r
+        self.last[mode] = self.stage
+        self.trajectory.append({"stage": self.stage, "mode": mode, "r": r, "R": dict(self.cost),
+                                "quality": q_after, "flops": f_after, **log})
+        return r

@@ -1,0 +1,45 @@
+"""`plots/mps_modes.png`: which mode each stage advanced, and FLOPs and quality over stages."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mmprune.comp.mps import CANONICAL
+
+COLOURS = {"vision_tokens": "#1f77b4", "language_tokens": "#ff7f0e", "vision_params": "#2ca02c",
+           "language_params": "#d62728", "cross_params": "#9467bd"}
+
+
+def plot_trajectory(result: dict[str, Any], path: Path, task: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traj = result["trajectory"]
+    stages = [t for t in traj if t["mode"] is not None]
+    modes = [m for m in CANONICAL if m in result["modes"]]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [1, 1.4]})
+    for t in stages:
+        top.scatter(t["stage"], modes.index(t["mode"]), color=COLOURS[t["mode"]], s=60,
+                    marker={"warm-up": "s", "explore": "^", "exploit": "o"}.get(t.get("why"), "o"))
+    top.set_yticks(range(len(modes)), modes)
+    top.set_ylim(-0.5, len(modes) - 0.5)
+    top.set_title("MPS: mode per stage (square: warm-up, triangle: exploration, circle: lowest cost)")
+    top.grid(axis="x", alpha=0.3)
+    xs = [t["stage"] for t in traj]
+    bottom.plot(xs, [t["flops"] for t in traj], color="black", marker=".", label="FLOPs (share of dense)")
+    bottom.axhline(result["target"], color="black", ls=":", lw=1, label="target")
+    bottom.set_ylabel("FLOPs / dense")
+    bottom.set_xlabel("stage")
+    twin = bottom.twinx()
+    twin.plot(xs, [t["quality"] for t in traj], color="tab:purple", marker=".", label="validation quality")
+    twin.set_ylabel(f"validation quality ({task})", color="tab:purple")
+    lines = bottom.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    bottom.legend(lines, [ln.get_label() for ln in lines], loc="lower left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

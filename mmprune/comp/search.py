@@ -1,0 +1,346 @@
+"""The CoMP search (comp.md §5.3): stages of one FLOPs quantum, each advancing one mode.
+
+Modes come from the graph's tags: a parameter mode per tower that has unit groups
+('vision_params', 'language_params', 'cross_params') and a token mode per tower the adapter
+lets the runtime manage ('vision_tokens', 'language_tokens'). A stage plans the removal of one
+quantum in its mode, trains K steps while the planned heads/channels fade out (μ = 1 − k/K) or
+the token threshold ramps, commits, and measures quality and FLOPs on the validation subset so
+MPS can price the mode. When the target is reached, faded units are removed physically.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmprune.comp.cim import CIPStatistics
+from mmprune.comp.mps import CANONICAL, ModeScheduler
+from mmprune.context import Context
+from mmprune.data.batching import collate_rows
+from mmprune.errors import MMPruneError
+from mmprune.graph import remove_units
+from mmprune.graph.units import HeadGroup, UnitGroup
+from mmprune.runtime.runtime import TokenRuntime
+from mmprune.runtime.tower import SiteControl
+from mmprune.training import Trainer, batch_stream
+
+TOKEN_TOWERS = {"vision_tokens": "vision", "language_tokens": "language"}
+PARAM_TOWERS = {"vision_params": "vision", "language_params": "language", "cross_params": "cross"}
+
+
+def available_modes(ctx: Context, runtime: TokenRuntime) -> list[str]:
+    """The modes this model has, from the graph's towers and the runtime's managed towers."""
+    towers = {g.tower for g in ctx.graph.groups.values()}
+    modes = [m for m, t in PARAM_TOWERS.items() if t in towers]
+    modes += [m for m, t in TOKEN_TOWERS.items() if t in runtime.towers]
+    return [m for m in CANONICAL if m in modes]
+
+
+@dataclass
+class StagePlan:
+    mode: str
+    units: dict[str, list[int]] = field(default_factory=dict)   # parameter modes
+    theta: tuple[float, float] | None = None                     # token modes: (old, new)
+    planned_flops: float = 0.0                                   # fraction of dense, on the probe set
+
+    @property
+    def empty(self) -> bool:
+        return not self.units and (self.theta is None or self.theta[1] <= self.theta[0])
+
+
+@contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+class CompSearch:
+    """One search run. `p` is the pass's parameter model (mmprune.passes.comp.CompParams)."""
+
+    def __init__(self, ctx: Context, p: Any, log: Callable[[str], None] = print):
+        self.ctx, self.p, self.log = ctx, p, log
+        self.graph = ctx.graph
+        self.rt = TokenRuntime.attach(ctx.graph)
+        for t in self.rt.towers.values():
+            t.head_reduce = p.head_reduce
+        self.rt.set_cit(p.cit)
+        self.stats = CIPStatistics(ctx.graph, token_weighted=p.cip)
+        modes = available_modes(ctx, self.rt)
+        asked = modes if p.modes == "all" else list(p.modes)
+        missing = [m for m in asked if m not in modes]
+        if missing:
+            raise MMPruneError(f"comp: this model has no mode(s) {missing}; it has {', '.join(modes)}")
+        self.modes = [m for m in CANONICAL if m in asked]
+        unmanaged = [m for m in self.modes if m in PARAM_TOWERS and PARAM_TOWERS[m] not in self.rt.towers]
+        if unmanaged:
+            raise MMPruneError(f"comp: the '{ctx.adapter.name}' adapter does not run the towers of "
+                               f"{unmanaged} block by block, so their units cannot fade out")
+        if p.schedule == "round_robin":
+            self.scheduler = ModeScheduler(self.modes, rho=0.0, lambda0=0.0, seed=ctx.seed)
+        else:
+            self.scheduler = ModeScheduler(self.modes, rho=p.rho, tau=p.tau, lambda0=p.lambda0,
+                                           i_max=p.i_max, seed=ctx.seed)
+        self.frozen: dict[str, set[int]] = {gid: set() for gid in self.graph.groups}
+        for mode in self.modes:
+            if mode in TOKEN_TOWERS:
+                tower = TOKEN_TOWERS[mode]
+                if self.rt.theta(tower) == 0.0:
+                    layers = p.token_layers.get(tower) if p.token_layers else None
+                    self.rt.set_sites(tower, SiteControl(0.0, p.min_token_frac, p.merge_dropped == "fuse_one"),
+                                      layers)
+        self.v_sub = self._fixed_batches(p.val_split, p.v_sub, ctx.seed + 1)
+        self.probe = self._fixed_batches(p.train_split, p.probe_set, ctx.seed + 2)
+        self.trajectory: list[dict] = []
+        self.scores: dict[str, torch.Tensor] = {}
+
+    # ---- data
+    def _fixed_batches(self, split: str, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+        ds = self.ctx.examples(split)
+        order = np.random.default_rng(seed).permutation(len(ds))[:n].tolist()
+        bs = self.p.eval_batch_size
+        return [collate_rows(self.ctx.adapter, ds, order[i:i + bs]) for i in range(0, len(order), bs)]
+
+    # ---- measurements
+    def _sizes(self) -> dict[str, int]:
+        return {gid: g.size - len(self.frozen[gid]) for gid, g in self.graph.groups.items()}
+
+    @torch.no_grad()
+    def measure_flops(self, batches, dense: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+        """Mean per-example FLOPs over `batches`, and the per-group token counts behind it.
+
+        Units fading in the current stage still count (they are not removed until committed).
+        `dense` measures the unpruned model: every unit, no token dropping.
+        """
+        sites = {name: [c.site for c in t.controls] for name, t in self.rt.towers.items()}
+        sizes = {gid: g.total for gid, g in self.graph.groups.items()} if dense else self._sizes()
+        per_example, counts = [], []
+        with self.rt.quiet(), _eval_mode(self.ctx.model):
+            try:
+                if dense:
+                    for t in self.rt.towers.values():
+                        for c in t.controls:
+                            c.site = None
+                for batch in batches:
+                    c = self._counts(batch)
+                    per_example.append(self.graph.cost.flops_per_example(c, sizes))
+                    counts.append(c)
+            finally:
+                for name, t in self.rt.towers.items():
+                    for c, site in zip(t.controls, sites[name]):
+                        c.site = site
+        merged = {gid: torch.cat([c[gid] for c in counts]) for gid in counts[0]}
+        return float(torch.cat(per_example).mean()), merged
+
+    def _counts(self, batch) -> dict[str, torch.Tensor]:
+        per_tower = self.ctx.adapter.tokens_per_example(batch)
+        out = {gid: per_tower[g.tower].double() for gid, g in self.graph.groups.items()
+               if g.tower in per_tower}
+        self.ctx.adapter.forward(batch)
+        out.update(self.rt.counts())
+        return out
+
+    @torch.no_grad()
+    def quality(self) -> float:
+        """Q on the validation subset: the headline metric, or −100 × validation loss."""
+        with self.rt.quiet(), _eval_mode(self.ctx.model):
+            if self.p.cost_metric == "val_loss":
+                losses = [float(self.ctx.adapter.task_loss(b, self.ctx.task)) for b in self.v_sub]
+                return -100.0 * float(np.mean(losses))
+            metrics = self.ctx.adapter.evaluate(iter(self.v_sub), self.ctx.task)
+        head = type(self.ctx.adapter).headline_metric.get(self.ctx.task) or next(iter(metrics))
+        return float(metrics[head])
+
+    # ---- planning
+    def _floor(self, group: UnitGroup) -> int:
+        if isinstance(group, HeadGroup):
+            return min(self.p.min_heads_per_module, group.total)
+        return max(1, math.ceil(self.p.min_ffn_frac * group.total))
+
+    def _unit_flops(self, group: UnitGroup, counts: dict[str, torch.Tensor]) -> float:
+        n = counts.get(group.id)
+        tokens = {**self.graph.cost.tokens, group.tower: n if n is not None else self.graph.cost.tokens[group.tower]}
+        return float(torch.as_tensor(self.graph.cost.group_flops(group, 1, tokens)).mean())
+
+    def plan_params(self, mode: str, quantum: float, counts: dict[str, torch.Tensor], f0: float) -> StagePlan:
+        tower = PARAM_TOWERS[mode]
+        scores = self.scores
+        ranked = []
+        for kind in ("head", "channel"):
+            pool = []
+            for gid, g in self.graph.groups.items():
+                if g.tower != tower or g.kind != kind:
+                    continue
+                s = scores.get(gid)
+                if s is None:
+                    raise MMPruneError(f"comp: no importance statistics for {gid}; "
+                                       "warm-up must run at least one step")
+                pool += [(float(s[i]), gid, i) for i in range(g.size) if i not in self.frozen[gid]]
+            if not pool:
+                continue
+            vals = np.array([v for v, _, _ in pool])
+            if self.p.score_norm == "zscore_per_kind":
+                vals = (vals - vals.mean()) / (vals.std() + 1e-12)
+            ranked += [(v, gid, i) for v, (_, gid, i) in zip(vals, pool)]
+        ranked.sort(key=lambda r: (r[0], r[1], r[2]))
+        left = {gid: g.size - len(self.frozen[gid]) - self._floor(g) for gid, g in self.graph.groups.items()}
+        plan, removed = StagePlan(mode), 0.0
+        for _, gid, i in ranked:
+            if removed >= quantum:
+                break
+            if left[gid] <= 0:
+                continue
+            left[gid] -= 1
+            plan.units.setdefault(gid, []).append(i)
+            removed += self._unit_flops(self.graph.groups[gid], counts) / f0
+        plan.planned_flops = removed
+        return plan
+
+    def plan_tokens(self, mode: str, quantum: float, f_now: float, f0: float) -> StagePlan:
+        """Bisection on θ so that the probe set's mean FLOPs fall by quantum ± 5%."""
+        tower = TOKEN_TOWERS[mode]
+        old = self.rt.theta(tower)
+        site = next(c.site for c in self.rt.towers[tower].controls if c.site is not None)
+
+        def removed(theta: float) -> float:
+            site.theta = theta
+            return (f_now - self.measure_flops(self.probe)[0]) / f0
+
+        try:
+            lo, hi = old, max(2 * old, 0.25)
+            r_hi = removed(hi)
+            for _ in range(12):
+                if r_hi >= quantum:
+                    break
+                lo, hi = hi, 2 * hi
+                r_hi = removed(hi)
+            if r_hi < 0.05 * quantum:   # the floor is reached: nothing left to drop here
+                return StagePlan(mode)
+            best, best_r = hi, r_hi
+            if r_hi > quantum * 1.05:
+                for _ in range(20):
+                    mid = (lo + hi) / 2
+                    r = removed(mid)
+                    if abs(r - quantum) <= 0.05 * quantum:
+                        best, best_r = mid, r
+                        break
+                    if r < quantum:
+                        lo = mid
+                    else:
+                        hi, best, best_r = mid, mid, r
+            return StagePlan(mode, theta=(old, best), planned_flops=best_r)
+        finally:
+            site.theta = old
+
+    # ---- stages
+    def _apply(self, plan: StagePlan, frac: float) -> None:
+        """Masks and thresholds at fraction `frac` of a stage (1 = end)."""
+        for gid, g in self.graph.groups.items():
+            if self.graph.groups[gid].tower not in self.rt.towers:
+                continue
+            fading = plan.units.get(gid, [])
+            if not self.frozen[gid] and not fading:
+                self.rt.set_mask(gid, None)
+                continue
+            mask = torch.ones(g.size)
+            mask[sorted(self.frozen[gid])] = 0.0
+            mask[fading] = 1.0 - frac
+            self.rt.set_mask(gid, mask)
+        if plan.theta is not None:
+            old, new = plan.theta
+            tower = TOKEN_TOWERS[plan.mode]
+            for c in self.rt.towers[tower].controls:
+                if c.site is not None:
+                    c.site.theta = old + (new - old) * frac
+
+    def run(self, trainer_factory: Callable[[int], Trainer]) -> dict[str, Any]:
+        p, ctx = self.p, self.ctx
+        f0, _ = self.measure_flops(self.v_sub, dense=True)
+        f0_probe, _ = self.measure_flops(self.probe, dense=True)
+        target = 1.0 - p.target
+        f_cur = self.measure_flops(self.v_sub)[0] / f0
+        q_cur = self.quality()
+        k = max(p.k_min, int(p.search_steps * p.stage_quantum / max(p.target, 1e-9)))
+        warmup = p.warmup_steps if p.warmup_steps is not None else k
+        stages_est = max(1, math.ceil(max(f_cur - target, 0) / p.stage_quantum))
+        trainer = trainer_factory(warmup + k * stages_est)
+        stream = batch_stream(ctx, p.train_split, p.batch_size, ctx.seed)
+        self.rt.set_observer(self.stats)
+        self.log(f"comp: dense {f0:.4g} FLOPs/example, start at {f_cur:.3f}, target {target:.3f}; "
+                 f"K = {k} steps per stage, modes {', '.join(self.modes)}")
+        for batch in ctx.progress(islice(stream, warmup), "comp warm-up", total=warmup):
+            trainer.step(batch)
+        self._close_window()
+        self.trajectory.append({"stage": 0, "mode": None, "quality": q_cur, "flops": f_cur})
+        bar = ctx.progress(range(10_000), "comp stages", total=stages_est)
+        bar_iter = iter(bar)
+        while f_cur > target + p.tol:
+            choice = self.scheduler.choose()
+            if choice is None:
+                self.log("comp: every mode is exhausted before the target")
+                break
+            mode, why = choice
+            quantum = min(p.stage_quantum, f_cur - target)
+            f_probe_now, counts = self.measure_flops(self.probe)
+            if mode in TOKEN_TOWERS:
+                plan = self.plan_tokens(mode, quantum, f_probe_now, f0_probe)
+            else:
+                plan = self.plan_params(mode, quantum, counts, f0_probe)
+            if plan.empty:
+                self.scheduler.exhaust(mode)
+                self.log(f"comp: mode {mode} is exhausted")
+                continue
+            for step in range(1, k + 1):
+                self._apply(plan, step / k)
+                trainer.step(next(stream))
+            self._commit(plan)
+            self._close_window()
+            q_new = self.quality()
+            f_new = self.measure_flops(self.v_sub)[0] / f0
+            r = self.scheduler.record(mode, q_cur, q_new, f_cur, f_new, why=why,
+                                      planned=plan.planned_flops,
+                                      theta={t: self.rt.theta(t) for t in self.rt.towers})
+            self.trajectory.append({"stage": self.scheduler.stage, "mode": mode, "why": why,
+                                    "quality": q_new, "flops": f_new, "r": r,
+                                    "removed": f_cur - f_new, "planned": plan.planned_flops,
+                                    "theta": {t: self.rt.theta(t) for t in self.rt.towers},
+                                    "units": {gid: len(v) for gid, v in plan.units.items()}})
+            self.log(f"comp stage {self.scheduler.stage}: {mode} ({why}) FLOPs {f_cur:.3f} → "
+                     f"{f_new:.3f}, quality {q_cur:.2f} → {q_new:.2f}")
+            q_cur, f_cur = q_new, f_new
+            next(bar_iter, None)
+        if hasattr(bar, "close"):
+            bar.close()
+        self.freeze()
+        return {"dense_flops": f0, "target": target, "final_flops": f_cur, "final_quality": q_cur,
+                "steps_per_stage": k, "warmup_steps": warmup, "modes": self.modes,
+                "thresholds": {t: self.rt.theta(t) for t in self.rt.towers},
+                "trajectory": self.trajectory}
+
+    def _close_window(self) -> None:
+        """Score with this window's statistics (the next stage selects on them), then reset."""
+        self.scores = self.stats.scores()
+        self.stats.reset()
+
+    def _commit(self, plan: StagePlan) -> None:
+        self._apply(plan, 1.0)
+        for gid, units in plan.units.items():
+            self.frozen[gid].update(units)
+
+    def freeze(self) -> None:
+        """Remove every unit whose mask reached 0, physically; stop collecting statistics."""
+        self.rt.set_observer(None)
+        self.rt.clear_masks()
+        for gid, units in self.frozen.items():
+            if units:
+                remove_units(self.graph, self.graph.groups[gid], sorted(units))
+        self.frozen = {gid: set() for gid in self.graph.groups}

@@ -1,0 +1,106 @@
+"""`comp`: CoMP search — joint pruning of tokens and parameters to a FLOPs target (comp.md)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from mmprune.comp.mps import CANONICAL
+from mmprune.comp.plots import plot_trajectory
+from mmprune.comp.search import CompSearch
+from mmprune.context import Context
+from mmprune.passes.base import Pass, PassParams
+from mmprune.training import Trainer, is_main
+
+Mode = Literal["vision_tokens", "language_tokens", "vision_params", "language_params", "cross_params"]
+
+
+class CompParams(PassParams):
+    target: float = Field(0.5, gt=0.0, lt=1.0, description="FLOPs reduction to reach, relative to "
+                          "the dense model (0.8 keeps 20% of the dense FLOPs per example).")
+    modes: Literal["all"] | list[Mode] = Field("all", description="Modes that may advance: 'all' "
+                                               "(every mode the model has) or a list of "
+                                               f"{', '.join(CANONICAL)}.")
+    schedule: Literal["mps", "round_robin"] = Field("mps", description="mps: cost-driven choice with "
+                                                    "history and exploration; round_robin: modes in "
+                                                    "turn (the CIM-only ablation).")
+    stage_quantum: float = Field(0.02, gt=0.0, le=0.5, description="Share of the dense FLOPs one "
+                                 "stage removes.")
+    k_min: int = Field(50, ge=1, description="Fewest training steps per stage.")
+    search_steps: int = Field(2000, ge=1, description="Training steps the search is sized for: "
+                              "K = max(k_min, search_steps · stage_quantum / target).")
+    warmup_steps: int | None = Field(None, ge=0, description="Steps that only collect importance "
+                                     "statistics before the first stage (default: K).")
+    lr: float = Field(1e-5, gt=0.0, description="AdamW learning rate (cosine to 0 over the search).")
+    weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay on weight matrices.")
+    batch_size: int = Field(32, ge=2, description="Training batch size.")
+    eval_batch_size: int = Field(64, ge=1, description="Batch size of the validation subset and probe set.")
+    rho: float = Field(0.2, ge=0.0, le=1.0, description="Exploration probability ρ.")
+    tau: float = Field(5.0, gt=0.0, description="Exploration temperature τ over stages since a mode ran.")
+    lambda0: float = Field(0.4, ge=0.0, le=1.0, description="History weight λ₀ of a mode run in the "
+                           "previous stage (0: no history).")
+    i_max: int = Field(5, ge=1, description="Stages after which a mode's old cost is forgotten.")
+    cip: bool = Field(True, description="Token-weighted parameter importance (off: plain structured Wanda).")
+    cit: bool = Field(True, description="Head masks scale attention maps before token scoring "
+                      "(off: plain attention).")
+    head_reduce: Literal["max", "mean"] = Field("max", description="How CIT combines heads.")
+    merge_dropped: Literal["none", "fuse_one"] = Field("none", description="none: drop tokens; "
+                                                       "fuse_one: fold them into one weighted token.")
+    token_layers: dict[str, list[int]] | None = Field(None, description="Blocks with a token site "
+                                                      "per tower (default: every block).")
+    min_heads_per_module: int = Field(1, ge=1, description="Heads every attention module keeps.")
+    min_ffn_frac: float = Field(0.02, gt=0.0, le=1.0, description="Share of MLP channels kept at least.")
+    min_token_frac: float = Field(0.05, ge=0.0, le=1.0, description="Share of a site's candidate "
+                                  "tokens always kept.")
+    score_norm: Literal["zscore_per_kind", "none"] = Field("zscore_per_kind", description="How head "
+                                                           "and channel scores are made comparable.")
+    cost_metric: Literal["val_metric", "val_loss"] = Field("val_metric", description="Quality Q "
+                                                           "of a stage: the headline validation "
+                                                           "metric or −100 × validation loss.")
+    v_sub: int = Field(1000, ge=8, description="Validation examples that price each stage.")
+    probe_set: int = Field(256, ge=8, description="Training examples that size each stage's quantum.")
+    tol: float = Field(0.005, ge=0.0, description="Stop within this share of the dense FLOPs of the target.")
+    train_split: str = Field("train", description="Split trained on.")
+    val_split: str = Field("validation", description="Split that prices stages (never test).")
+
+    @field_validator("val_split", "train_split")
+    @classmethod
+    def _not_test(cls, v: str) -> str:
+        if v == "test":
+            raise ValueError("the test split is for the final report only")
+        return v
+
+    @field_validator("modes")
+    @classmethod
+    def _some_mode(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("name at least one mode, or 'all'")
+        return v
+
+
+class Comp(Pass):
+    """CoMP: prune tokens and heads/channels jointly to a FLOPs target (CIM scores, MPS stages)."""
+
+    name = "comp"
+    Params = CompParams
+    calibrates = True
+    requires = frozenset({"model", "graph", "data"})
+    provides = frozenset({"pruned.structured", "pruned.tokens"})
+    excludes = frozenset({"quantized"})
+
+    def run(self, ctx: Context) -> None:
+        p = self.params
+
+        def trainer(total: int) -> Trainer:
+            return Trainer(ctx.adapter, ctx.task, total, p.lr, p.weight_decay)
+
+        search = CompSearch(ctx, p, log=ctx.log)
+        result = search.run(trainer)
+        if result["final_flops"] > result["target"] + p.tol:
+            ctx.log(f"comp: stopped at {result['final_flops']:.3f} of the dense FLOPs, "
+                             f"above the target {result['target']:.3f}")
+        ctx.state.setdefault("comp", []).append({"params": p.model_dump(), **result})
+        if ctx.run_dir is not None and is_main():
+            n = len(ctx.state["comp"])
+            name = "mps_modes.png" if n == 1 else f"mps_modes_{n}.png"
+            plot_trajectory(result, ctx.run_dir / "plots" / name, ctx.task)

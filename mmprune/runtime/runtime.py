@@ -1,0 +1,151 @@
+"""`TokenRuntime`: the managed towers of one model, addressed by the graph's unit-group ids.
+
+Passes talk to the runtime, not to towers: they set soft masks by group id ('vision.3.attn'),
+token thresholds per tower, and read per-example token counts for the cost model. The runtime's
+token policy is what `mmprune.json` saves and `mmprune.load` restores.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from mmprune.errors import MMPruneError
+from mmprune.graph.model_graph import ModelGraph
+from mmprune.runtime.tower import ManagedTower, Observer, SiteControl
+
+#: attribute of the model under which the installed runtime is kept
+ATTR = "_mmprune_runtime"
+
+
+class TokenRuntime:
+    def __init__(self, graph: ModelGraph, head_reduce: str = "max"):
+        self.graph = graph
+        adapter = graph.adapter
+        self.towers: dict[str, ManagedTower] = {
+            spec.tower: ManagedTower(spec, adapter.model, head_reduce=head_reduce)
+            for spec in adapter.managed_towers()}
+        self.installed = False
+
+    # ---- lifecycle
+    @classmethod
+    def attach(cls, graph: ModelGraph, **kwargs) -> TokenRuntime:
+        """The runtime installed on `graph`'s model, creating and installing one if needed."""
+        model = graph.adapter.model
+        rt = getattr(model, ATTR, None)
+        if rt is None:
+            rt = cls(graph, **kwargs)
+            rt.install()
+        return rt
+
+    def install(self) -> None:
+        model = self.graph.adapter.model
+        if getattr(model, ATTR, None) not in (None, self):
+            raise MMPruneError("a token-pruning runtime is already installed on this model")
+        for t in self.towers.values():
+            t.install()
+        object.__setattr__(model, ATTR, self)  # not a submodule: stays out of state_dict
+        self.installed = True
+
+    def uninstall(self) -> None:
+        for t in self.towers.values():
+            t.uninstall()
+        model = self.graph.adapter.model
+        if getattr(model, ATTR, None) is self:
+            object.__delattr__(model, ATTR)
+        self.installed = False
+
+    # ---- controls
+    def _control(self, gid: str):
+        group = self.graph.groups.get(gid)
+        if group is None or group.tower not in self.towers:
+            raise MMPruneError(f"'{gid}' is not a unit group of a managed tower "
+                               f"(managed: {', '.join(self.towers) or 'none'})")
+        return group, self.towers[group.tower].controls[group.layer]
+
+    def set_mask(self, gid: str, mask: torch.Tensor | None) -> None:
+        """Soft mask of a head or channel group, one value per current unit (None: all ones)."""
+        group, ctl = self._control(gid)
+        if mask is not None and mask.shape != (group.size,):
+            raise MMPruneError(f"mask for {gid} has shape {tuple(mask.shape)}, expected ({group.size},)")
+        if group.kind == "head":
+            ctl.head_mask = mask
+        else:
+            ctl.mlp_mask = None if mask is None else mask.view(1, 1, -1)
+
+    def clear_masks(self) -> None:
+        for t in self.towers.values():
+            for ctl in t.controls:
+                ctl.head_mask = ctl.mlp_mask = None
+
+    def set_sites(self, tower: str, site: SiteControl | None, layers: list[int] | None = None) -> None:
+        """Token dropping for `tower` at `layers` (default: every block); None turns it off."""
+        if tower not in self.towers:
+            raise MMPruneError(f"tower '{tower}' has no token sites (managed: {', '.join(self.towers)})")
+        t = self.towers[tower]
+        if site is not None and site.merge and t.spec.causal:
+            raise MMPruneError(f"merging dropped tokens is not supported in the causal '{tower}' tower")
+        for i, ctl in enumerate(t.controls):
+            ctl.site = site if layers is None or i in layers else None
+
+    def theta(self, tower: str) -> float:
+        sites = [c.site for c in self.towers[tower].controls if c.site is not None]
+        return sites[0].theta if sites else 0.0
+
+    def set_observer(self, observer: Observer | None) -> None:
+        for t in self.towers.values():
+            t.observer = observer
+
+    @property
+    def observer(self) -> Observer | None:
+        return next(iter(self.towers.values())).observer if self.towers else None
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """No statistics collection inside (measurements must not feed the importance scores)."""
+        observer = self.observer
+        self.set_observer(None)
+        try:
+            yield
+        finally:
+            self.set_observer(observer)
+
+    def set_cit(self, head_masked: bool) -> None:
+        for t in self.towers.values():
+            t.head_masked_scores = head_masked
+
+    # ---- measurements
+    def counts(self) -> dict[str, torch.Tensor]:
+        """Per-example tokens [B] at every unit group of the last forward (attn: in, mlp: kept)."""
+        out = {}
+        for gid, g in self.graph.groups.items():
+            t = self.towers.get(g.tower)
+            key = (g.layer, "attn" if g.kind == "head" else "mlp")
+            if t is not None and key in t.last_counts:
+                out[gid] = t.last_counts[key].double()
+        return out
+
+    # ---- saved form
+    def policy(self) -> dict[str, Any]:
+        towers = {}
+        for name, t in self.towers.items():
+            layers = [i for i, c in enumerate(t.controls) if c.site is not None]
+            if layers:
+                towers[name] = {"layers": layers, **asdict(t.controls[layers[0]].site)}
+        return {"head_reduce": next(iter(self.towers.values())).head_reduce if self.towers else "max",
+                "towers": towers}
+
+    def apply_policy(self, policy: dict[str, Any]) -> None:
+        for name, entry in policy.get("towers", {}).items():
+            site = SiteControl(theta=float(entry["theta"]), min_keep_frac=float(entry["min_keep_frac"]),
+                               merge=bool(entry["merge"]))
+            self.set_sites(name, site, list(entry["layers"]))
+        for t in self.towers.values():
+            t.head_reduce = policy.get("head_reduce", "max")
+
+
+def runtime_of(model) -> TokenRuntime | None:
+    return getattr(model, ATTR, None)

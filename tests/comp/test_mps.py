@@ -1,0 +1,105 @@
+"""MPS mode choice against a fake cost oracle (comp.md §12.9-10)."""
+import math
+from collections import Counter
+
+import pytest
+from scipy.stats import chisquare
+
+from mmprune.comp.mps import ModeScheduler, history_weight
+
+MODES = ["language_params", "vision_tokens", "vision_params", "language_tokens"]
+
+
+def test_lambda_table():
+    got = [round(history_weight(i, 0.4, 5), 6) for i in range(1, 8)]
+    assert got == [0.4, 0.32, 0.24, 0.16, 0.08, 0.0, 0.0]
+
+
+def test_warm_up_visits_every_mode_once_in_canonical_order():
+    s = ModeScheduler(MODES, rho=1.0, seed=3)  # exploration would otherwise win every draw
+    seen = []
+    for _ in range(4):
+        mode, why = s.choose()
+        assert why == "warm-up"
+        seen.append(mode)
+        s.record(mode, 50, 49, 1.0, 0.98)
+    assert seen == ["vision_tokens", "language_tokens", "vision_params", "language_params"]
+
+
+def _run(s: ModeScheduler, true_cost: dict[str, float], stages: int) -> list[str]:
+    out = []
+    for _ in range(stages):
+        mode, _ = s.choose()
+        out.append(mode)
+        s.record(mode, 0.0, -true_cost[mode] * 0.02, 1.0, 0.98)  # Δq = r · ΔF
+    return out
+
+
+def test_greedy_picks_the_cheapest_mode():
+    cost = dict(vision_tokens=3.0, language_tokens=0.5, vision_params=2.0, language_params=1.0)
+    traj = _run(ModeScheduler(MODES, rho=0.0, lambda0=0.0), cost, 10)
+    assert traj[4:] == ["language_tokens"] * 6
+
+
+def test_rho_zero_always_takes_argmin_of_smoothed_cost():
+    s = ModeScheduler(MODES, rho=0.0)
+    for mode in ["vision_tokens", "language_tokens", "vision_params", "language_params"]:
+        s.choose()
+        s.record(mode, 50.0, 50.0 - {"vision_tokens": 4, "language_tokens": 1,
+                                     "vision_params": 3, "language_params": 2}[mode] * 0.02, 1.0, 0.98)
+    for _ in range(5):
+        mode, why = s.choose()
+        assert why == "exploit" and mode == min(s.cost, key=s.cost.get)
+        s.record(mode, 50.0, 50.0 - 0.5 * 0.02, 1.0, 0.98)
+
+
+def test_history_blends_with_lambda():
+    s = ModeScheduler(["vision_tokens"], rho=0.0)
+    s.choose(); s.record("vision_tokens", 10, 9, 1.0, 0.5)       # r = 2
+    s.choose(); s.record("vision_tokens", 10, 10, 1.0, 0.5)      # r = 0, gap 1: λ = 0.4
+    assert s.cost["vision_tokens"] == pytest.approx(0.4 * 2.0)
+
+
+def test_same_seed_same_trajectory_other_seed_differs():
+    cost = dict(vision_tokens=1.0, language_tokens=1.2, vision_params=0.8, language_params=1.1)
+    a = _run(ModeScheduler(MODES, rho=0.3, seed=7), cost, 60)
+    b = _run(ModeScheduler(MODES, rho=0.3, seed=7), cost, 60)
+    c = _run(ModeScheduler(MODES, rho=0.3, seed=8), cost, 60)
+    assert a == b and a != c
+
+
+def test_exploration_frequencies_follow_softmax_of_staleness():
+    """Exploration draws match softmax((T − last)/τ) (χ² test at a fixed staleness pattern)."""
+    s = ModeScheduler(MODES, rho=1.0, tau=5.0, seed=0)
+    for mode in ["vision_tokens", "language_tokens", "vision_params", "language_params"]:
+        s.choose(); s.record(mode, 0, 0, 1, 0.98)
+    counts = Counter()
+    n = 4000
+    for _ in range(n):
+        s.stage = 10   # choose() makes it 11; last = 1, 2, 3, 4 in canonical order
+        mode, why = s.choose()
+        assert why == "explore"
+        counts[mode] += 1
+    active = s.active
+    logits = [(11 - s.last[m]) / 5.0 for m in active]
+    z = sum(math.exp(x) for x in logits)
+    expected = [n * math.exp(x) / z for x in logits]
+    assert chisquare([counts[m] for m in active], expected).pvalue > 1e-3
+
+
+def test_exhausted_modes_are_never_chosen():
+    s = ModeScheduler(MODES, rho=0.5, seed=1)
+    assert s.choose() == ("vision_tokens", "warm-up")
+    s.exhaust("vision_tokens")  # its plan came back empty: the stage did not run
+    assert s.stage == 0
+    cost = dict(vision_tokens=0.0, language_tokens=1.0, vision_params=1.0, language_params=1.0)
+    traj = _run(s, cost, 50)
+    assert "vision_tokens" not in traj and set(traj) == set(MODES) - {"vision_tokens"}
+    for m in set(traj):
+        s.exhaust(m)
+    assert s.choose() is None
+
+
+def test_unknown_mode_is_rejected():
+    with pytest.raises(ValueError, match="vision_tokens"):
+        ModeScheduler(["vision_tokenz"])

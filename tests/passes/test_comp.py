@@ -1,0 +1,56 @@
+"""The comp pass end to end on a tiny CLIP: hits the target, removes units, keeps token pruning."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmprune.pipeline import run
+from mmprune.recipe import load_recipe
+from mmprune.saved import load_bundle
+from tests.conftest import small_recipe
+
+FAST = dict(stage_quantum=0.1, k_min=2, search_steps=4, warmup_steps=2, batch_size=8,
+            eval_batch_size=16, v_sub=32, probe_set=32, lr=1e-4)
+
+
+def _run(write_recipe, registry, out, comp: dict):
+    recipe = small_recipe(out, [{"comp": {**FAST, **comp}}, {"export": {}}])
+    return run(load_recipe(write_recipe(recipe), registry), registry, show_progress=False,
+               log=lambda m: None)
+
+
+def test_comp_reaches_the_target_and_exports(write_recipe, registry, tmp_path):
+    out = tmp_path / "run"
+    report = _run(write_recipe, registry, out, {"target": 0.4})
+    state = report["state"]["comp"][0]
+    traj = state["trajectory"]
+    # warm-up visits each mode once, in the canonical order
+    assert [t["mode"] for t in traj[1:5]] == ["vision_tokens", "language_tokens", "vision_params",
+                                               "language_params"]
+    assert state["final_flops"] <= state["target"] + 0.005 + 1e-9
+    # each stage removes at most a quantum (plus one unit's worth) and the flops fall monotonically
+    flops = [t["flops"] for t in traj]
+    assert all(b <= a + 1e-9 for a, b in zip(flops, flops[1:]))
+    assert report["ratios"]["flops_reduction"] >= 0.3   # measured on test, sized on validation
+    assert report["final"]["params"] < report["baseline"]["params"]
+    assert (out / "plots" / "mps_modes.png").stat().st_size > 5000
+    spec = json.loads((out / "model" / "mmprune.json").read_text())
+    assert spec["token_policy"]["towers"]
+    bundle = load_bundle(out / "model")
+    assert bundle.spec["token_policy"] == spec["token_policy"]
+
+
+def test_param_only_mode_leaves_tokens_alone(write_recipe, registry, tmp_path):
+    report = _run(write_recipe, registry, tmp_path / "run",
+                  {"target": 0.3, "modes": ["vision_params", "language_params"]})
+    state = report["state"]["comp"][0]
+    assert {t["mode"] for t in state["trajectory"][1:]} <= {"vision_params", "language_params"}
+    assert report["final"]["params"] < report["baseline"]["params"]
+
+
+def test_unknown_mode_is_a_clear_error(write_recipe, registry, tmp_path):
+    from mmprune.errors import MMPruneError
+    with pytest.raises(MMPruneError, match="cross_params"):
+        _run(write_recipe, registry, tmp_path / "run", {"modes": ["cross_params"]})

@@ -1,0 +1,159 @@
+"""The token-pruning runtime on CLIP: identity, mask = slice, batch invariance, FLOPs, CIT."""
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmprune.graph import remove_units, trace
+from mmprune.models.clip import CLIPAdapter
+from mmprune.runtime import SiteControl
+from mmprune.runtime import tokens as T
+from mmprune.runtime.runtime import TokenRuntime, runtime_of
+
+
+def _clip(seed=0, **over):
+    model = CLIPAdapter.tiny_model(seed, over or None)
+    adapter = CLIPAdapter(model)
+    return adapter, trace(adapter)
+
+
+def _batch(adapter, n=3, pad=True):
+    b = adapter.example_inputs(n)
+    if pad:  # a shorter second caption: EOT at 4, padding after it
+        b["input_ids"][1, 4], b["input_ids"][1, 5:] = 3, 0
+        b["attention_mask"][1, 5:] = 0
+    return b
+
+
+@torch.no_grad()
+def test_identity_without_pruning():
+    adapter, graph = _clip()
+    batch = _batch(adapter)
+    dense = adapter.model(**batch).logits_per_image
+    rt = TokenRuntime.attach(graph)
+    managed = adapter.model(**batch).logits_per_image
+    assert (managed - dense).abs().max() < 1e-5          # explicit vs SDPA attention
+    rt.set_sites("vision", SiteControl(theta=0.0))
+    rt.set_sites("language", SiteControl(theta=0.0))
+    assert torch.equal(adapter.model(**batch).logits_per_image, managed)  # θ = 0 keeps every token
+    rt.uninstall()
+    assert runtime_of(adapter.model) is None
+    assert torch.equal(adapter.model(**batch).logits_per_image, dense)
+
+
+@torch.no_grad()
+def test_zero_masks_equal_physical_removal():
+    adapter, graph = _clip()
+    batch = _batch(adapter)
+    sliced_adapter = CLIPAdapter(copy.deepcopy(adapter.model))
+    sliced = trace(sliced_adapter)
+    rt = TokenRuntime.attach(graph)
+    drop = {"vision.0.attn": [1, 3], "language.1.attn": [0], "vision.1.mlp": list(range(0, 256, 3)),
+            "language.0.mlp": [5, 6, 7]}
+    for gid, units in drop.items():
+        mask = torch.ones(graph.groups[gid].size)
+        mask[units] = 0
+        rt.set_mask(gid, mask)
+        remove_units(sliced, sliced.groups[gid], units)
+    for tower in ("vision", "language"):
+        rt.set_sites(tower, SiteControl(theta=0.8))
+    TokenRuntime.attach(sliced).apply_policy(rt.policy())
+    a = adapter.model(**batch)
+    b = sliced_adapter.model(**batch)
+    assert sliced_adapter.model.vision_model.encoder.layers[0].self_attn.num_heads == 2
+    assert (a.logits_per_image - b.logits_per_image).abs().max() < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("merge", [False, True])
+def test_batch_invariance_under_pad_mask(merge):
+    adapter, graph = _clip()
+    batch = _batch(adapter, 3)
+    rt = TokenRuntime.attach(graph)
+    rt.set_sites("vision", SiteControl(theta=1.0, merge=merge))
+    rt.set_sites("language", SiteControl(theta=1.0))
+    out = adapter.model(**batch)
+    counts = rt.counts()
+    assert len({float(c) for c in counts["vision.1.attn"]}) > 1, "examples should keep different counts"
+    for i in range(3):
+        one = adapter.model(**{k: v[i:i + 1] for k, v in batch.items()})
+        assert (one.image_embeds - out.image_embeds[i:i + 1]).abs().max() < 1e-5
+        assert (one.text_embeds - out.text_embeds[i:i + 1]).abs().max() < 1e-5
+        assert {g: float(c[0]) for g, c in rt.counts().items()} == {g: float(c[i]) for g, c in counts.items()}
+
+
+@torch.no_grad()
+def test_analytic_flops_match_the_flop_counter():
+    adapter, graph = _clip()
+    batch = _batch(adapter, 1, pad=False)
+    rt = TokenRuntime.attach(graph)
+    remove_units(graph, graph.groups["vision.1.attn"], [0])
+    remove_units(graph, graph.groups["language.0.mlp"], list(range(100)))
+    for theta in (0.0, 0.7, 1.5):
+        for tower in ("vision", "language"):
+            rt.set_sites(tower, SiteControl(theta=theta))
+        with FlopCounterMode(display=False) as fc:
+            adapter.forward(batch)
+        est = float(graph.cost.flops_per_example(rt.counts())[0])
+        assert est == pytest.approx(fc.get_total_flops(), rel=0.02), theta
+
+
+@torch.no_grad()
+def test_cit_equals_plain_attention_received_with_all_ones_mask():
+    adapter, graph = _clip()
+    adapter.model.config.vision_config._attn_implementation = "eager"
+    px = adapter.example_inputs(2)["pixel_values"]
+    att = adapter.model.vision_model(pixel_values=px, output_attentions=True).attentions[0]
+    b, h, n, _ = att.shape
+    valid = torch.ones(b, n, dtype=torch.bool)
+    cls = torch.zeros_like(valid)
+    cls[:, 0] = True
+    plain = att[:, :, 1:, :].amax(dim=1).sum(dim=1)     # queries: all but CLS; keys: all
+    plain[:, 0] = 0
+    ones = T.attention_received(att, valid, cls, torch.ones(h))
+    assert torch.allclose(ones, plain, atol=1e-6)
+    off = torch.ones(h)
+    off[2] = 0
+    masked = T.attention_received(att, valid, cls, off)
+    others = att[:, [0, 1, 3], 1:, :].amax(dim=1).sum(dim=1)
+    others[:, 0] = 0
+    assert torch.allclose(masked, others, atol=1e-6)   # the masked head contributes nothing
+
+
+def test_keep_rule_protects_and_floors():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        b, n = 4, 20
+        valid = torch.rand(b, n, generator=g) > 0.2
+        valid[:, 0] = True
+        protected = (torch.rand(b, n, generator=g) > 0.8) & valid
+        protected[:, 0] = True
+        cand = valid & ~protected
+        s = T.normalise(torch.rand(b, n, generator=g), cand)
+        sums = s.sum(dim=1)[cand.any(dim=1)]
+        assert torch.allclose(sums, torch.ones_like(sums))
+        floor = T.min_keep_count(cand.sum(dim=1), 0.3)
+        keep = T.keep_mask(s, cand, protected, float(torch.rand(1, generator=g) * 3), floor)
+        assert (keep[protected]).all()
+        assert ((keep & cand).sum(dim=1) >= torch.minimum(floor, cand.sum(dim=1))).all()
+        assert torch.equal(T.keep_mask(s, cand, protected, 0.0, floor), cand | protected)
+
+
+@torch.no_grad()
+def test_export_and_load_restore_token_pruning(tmp_path):
+    from mmprune.saved import load_bundle, save
+
+    adapter, graph = _clip()
+    batch = _batch(adapter)
+    rt = TokenRuntime.attach(graph)
+    remove_units(graph, graph.groups["vision.0.attn"], [2])
+    rt.set_sites("vision", SiteControl(theta=1.2, min_keep_frac=0.1, merge=True), layers=[1])
+    rt.set_sites("language", SiteControl(theta=0.9))
+    before = adapter.model(**batch).logits_per_image
+    save(tmp_path / "m", adapter, graph)
+    bundle = load_bundle(tmp_path / "m")
+    assert bundle.spec["token_policy"]["towers"]["vision"]["layers"] == [1]
+    after = bundle.model(**batch).logits_per_image
+    assert torch.equal(before, after)
+    assert runtime_of(bundle.model).counts()["vision.1.mlp"].max() < 17
