@@ -40,6 +40,9 @@ def group_token_counts(ctx: Context, batch: dict[str, torch.Tensor]) -> dict[str
     per_tower = ctx.adapter.tokens_per_example(batch)
     counts = {gid: per_tower[g.tower].double() for gid, g in ctx.graph.groups.items()
               if g.tower in per_tower}
+    for gid, g in ctx.graph.groups.items():   # cross-attention: the other tower's key count
+        if f"{g.tower}_kv" in per_tower:
+            counts[f"{gid}:kv"] = per_tower[f"{g.tower}_kv"].double()
     runtime = runtime_of(ctx.model)
     if runtime is not None and runtime.policy()["towers"]:
         with torch.inference_mode():

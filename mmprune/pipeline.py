@@ -70,16 +70,17 @@ def _check_inputs(recipe: Recipe, registry: Registry) -> None:
                           + did_you_mean(recipe.evaluation.split, splits), file=file,
                           line=recipe.lines.get(("evaluation", "split")), field="evaluation.split")
     for spec in recipe.passes:
-        split = getattr(spec.params, "split", None)
-        field = f"passes.{spec.index}.{spec.name}.split"
-        if split is not None and split not in splits:
-            raise RecipeError(f"unknown split '{split}'." + did_you_mean(split, splits),
-                              file=file, line=spec.line, field=field)
         cls = registry.passes[spec.name]
-        if split is not None and cls.calibrates and split == recipe.evaluation.split:
-            raise RecipeError(f"'{spec.name}' would calibrate on '{split}', the split the report "
-                              "is measured on; use another split (train or validation).",
-                              file=file, line=spec.line, field=field)
+        for name in type(spec.params).model_fields:
+            split = getattr(spec.params, name) if name.endswith("split") else None
+            field = f"passes.{spec.index}.{spec.name}.{name}"
+            if split is not None and split not in splits:
+                raise RecipeError(f"unknown split '{split}'." + did_you_mean(split, splits),
+                                  file=file, line=spec.line, field=field)
+            if split is not None and cls.calibrates and split == recipe.evaluation.split:
+                raise RecipeError(f"'{spec.name}' would calibrate on '{split}', the split the "
+                                  "report is measured on; use another split (train or validation).",
+                                  file=file, line=spec.line, field=field)
 
 
 def plan(recipe: Recipe, registry: Registry) -> list[PlannedPass]:

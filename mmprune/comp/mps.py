@@ -67,6 +67,10 @@ class ModeScheduler:
         self.exhausted.add(mode)
         self.stage -= 1
 
+    def retire(self, mode: str) -> None:
+        """`mode` ran its last stage (it removed what it could, less than a quantum)."""
+        self.exhausted.add(mode)
+
     def record(self, mode: str, q_before: float, q_after: float, f_before: float, f_after: float,
                **log) -> float:
         """Eqs. (3)-(5) after a stage of `mode`; F as a fraction of dense FLOPs. Returns r."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from mmprune.comp.cim import CIPStatistics
 from mmprune.comp.mps import CANONICAL, ModeScheduler
@@ -48,6 +49,7 @@ class StagePlan:
     units: dict[str, list[int]] = field(default_factory=dict)   # parameter modes
     theta: tuple[float, float] | None = None                     # token modes: (old, new)
     planned_flops: float = 0.0                                   # fraction of dense, on the probe set
+    last: bool = False      # the mode cannot remove a whole quantum: this is its last stage
 
     @property
     def empty(self) -> bool:
@@ -81,7 +83,7 @@ class CompSearch:
         if missing:
             raise MMPruneError(f"comp: this model has no mode(s) {missing}; it has {', '.join(modes)}")
         self.modes = [m for m in CANONICAL if m in asked]
-        unmanaged = [m for m in self.modes if m in PARAM_TOWERS and PARAM_TOWERS[m] not in self.rt.towers]
+        unmanaged = [m for m in self.modes if m in PARAM_TOWERS and self.rt.host(PARAM_TOWERS[m]) is None]
         if unmanaged:
             raise MMPruneError(f"comp: the '{ctx.adapter.name}' adapter does not run the towers of "
                                f"{unmanaged} block by block, so their units cannot fade out")
@@ -96,8 +98,9 @@ class CompSearch:
                 tower = TOKEN_TOWERS[mode]
                 if self.rt.theta(tower) == 0.0:
                     layers = p.token_layers.get(tower) if p.token_layers else None
-                    self.rt.set_sites(tower, SiteControl(0.0, p.min_token_frac, p.merge_dropped == "fuse_one"),
-                                      layers)
+                    # a merged token has no place in causal order: causal towers only drop
+                    merge = p.merge_dropped == "fuse_one" and not self.rt.towers[tower].spec.causal
+                    self.rt.set_sites(tower, SiteControl(0.0, p.min_token_frac, merge), layers)
         self.v_sub = self._fixed_batches(p.val_split, p.v_sub, ctx.seed + 1)
         self.probe = self._fixed_batches(p.train_split, p.probe_set, ctx.seed + 2)
         self.trajectory: list[dict] = []
@@ -203,11 +206,16 @@ class CompSearch:
             plan.units.setdefault(gid, []).append(i)
             removed += self._unit_flops(self.graph.groups[gid], counts) / f0
         plan.planned_flops = removed
+        plan.last = removed < quantum
         return plan
 
-    def plan_tokens(self, mode: str, quantum: float, f_now: float, f0: float) -> StagePlan:
+    def plan_tokens(self, mode: str, quantum: float, f_now: float, f0: float,
+                    counts: dict[str, torch.Tensor]) -> StagePlan:
         """Bisection on θ so that the probe set's mean FLOPs fall by quantum ± 5%."""
         tower = TOKEN_TOWERS[mode]
+        # |Cand|·S ≥ θ fails for every candidate once θ exceeds the token count: no use going higher
+        cap = 1.0 + max(float(c.max()) for gid, c in counts.items()
+                        if ":" not in gid and self.graph.groups[gid].tower == tower)
         old = self.rt.theta(tower)
         site = next(c.site for c in self.rt.towers[tower].controls if c.site is not None)
 
@@ -216,15 +224,15 @@ class CompSearch:
             return (f_now - self.measure_flops(self.probe)[0]) / f0
 
         try:
-            lo, hi = old, max(2 * old, 0.25)
+            lo, hi = old, min(max(2 * old, 0.25), cap)
             r_hi = removed(hi)
-            for _ in range(12):
-                if r_hi >= quantum:
-                    break
-                lo, hi = hi, 2 * hi
+            while r_hi < quantum and hi < cap:
+                lo, hi = hi, min(2 * hi, cap)
                 r_hi = removed(hi)
             if r_hi < 0.05 * quantum:   # the floor is reached: nothing left to drop here
                 return StagePlan(mode)
+            if r_hi < 0.95 * quantum:   # what is left is less than a quantum: take it, then retire
+                return StagePlan(mode, theta=(old, hi), planned_flops=r_hi, last=True)
             best, best_r = hi, r_hi
             if r_hi > quantum * 1.05:
                 for _ in range(20):
@@ -245,7 +253,7 @@ class CompSearch:
     def _apply(self, plan: StagePlan, frac: float) -> None:
         """Masks and thresholds at fraction `frac` of a stage (1 = end)."""
         for gid, g in self.graph.groups.items():
-            if self.graph.groups[gid].tower not in self.rt.towers:
+            if self.rt.host(g.tower) is None:
                 continue
             fading = plan.units.get(gid, [])
             if not self.frozen[gid] and not fading:
@@ -268,7 +276,6 @@ class CompSearch:
         f0_probe, _ = self.measure_flops(self.probe, dense=True)
         target = 1.0 - p.target
         f_cur = self.measure_flops(self.v_sub)[0] / f0
-        q_cur = self.quality()
         k = max(p.k_min, int(p.search_steps * p.stage_quantum / max(p.target, 1e-9)))
         warmup = p.warmup_steps if p.warmup_steps is not None else k
         stages_est = max(1, math.ceil(max(f_cur - target, 0) / p.stage_quantum))
@@ -280,9 +287,10 @@ class CompSearch:
         for batch in ctx.progress(islice(stream, warmup), "comp warm-up", total=warmup):
             trainer.step(batch)
         self._close_window()
+        q_cur = self.quality()   # after warm-up, so the first stage is not credited with it
         self.trajectory.append({"stage": 0, "mode": None, "quality": q_cur, "flops": f_cur})
-        bar = ctx.progress(range(10_000), "comp stages", total=stages_est)
-        bar_iter = iter(bar)
+        bar = tqdm(total=stages_est, desc="comp stages", leave=False, disable=not ctx.show_progress,
+                   dynamic_ncols=True)
         while f_cur > target + p.tol:
             choice = self.scheduler.choose()
             if choice is None:
@@ -292,7 +300,7 @@ class CompSearch:
             quantum = min(p.stage_quantum, f_cur - target)
             f_probe_now, counts = self.measure_flops(self.probe)
             if mode in TOKEN_TOWERS:
-                plan = self.plan_tokens(mode, quantum, f_probe_now, f0_probe)
+                plan = self.plan_tokens(mode, quantum, f_probe_now, f0_probe, counts)
             else:
                 plan = self.plan_params(mode, quantum, counts, f0_probe)
             if plan.empty:
@@ -304,6 +312,8 @@ class CompSearch:
                 trainer.step(next(stream))
             self._commit(plan)
             self._close_window()
+            if plan.last:
+                self.scheduler.retire(mode)
             q_new = self.quality()
             f_new = self.measure_flops(self.v_sub)[0] / f0
             r = self.scheduler.record(mode, q_cur, q_new, f_cur, f_new, why=why,
@@ -312,14 +322,14 @@ class CompSearch:
             self.trajectory.append({"stage": self.scheduler.stage, "mode": mode, "why": why,
                                     "quality": q_new, "flops": f_new, "r": r,
                                     "removed": f_cur - f_new, "planned": plan.planned_flops,
+                                    "quantum": quantum, "last": plan.last,
                                     "theta": {t: self.rt.theta(t) for t in self.rt.towers},
                                     "units": {gid: len(v) for gid, v in plan.units.items()}})
             self.log(f"comp stage {self.scheduler.stage}: {mode} ({why}) FLOPs {f_cur:.3f} → "
                      f"{f_new:.3f}, quality {q_cur:.2f} → {q_new:.2f}")
             q_cur, f_cur = q_new, f_new
-            next(bar_iter, None)
-        if hasattr(bar, "close"):
-            bar.close()
+            bar.update(1)
+        bar.close()
         self.freeze()
         return {"dense_flops": f0, "target": target, "final_flops": f_cur, "final_quality": q_cur,
                 "steps_per_stage": k, "warmup_steps": warmup, "modes": self.modes,

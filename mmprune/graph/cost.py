@@ -2,8 +2,10 @@
 
 FLOPs = 2 × multiply-accumulates of every matmul and convolution (what
 torch.utils.flop_counter counts): per self-attention layer with N tokens, width D and H kept heads
-of size d: 8·N·D·H·d + 4·N²·H·d; per MLP with m kept channels: 4·N·D·m. Norms, softmax and
-activations are not counted.
+of size d: 8·N·D·H·d + 4·N²·H·d; per cross-attention with N_q queries and N_kv keys of width D_kv:
+4·N_q·D·H·d + 4·N_kv·D_kv·H·d + 4·N_q·N_kv·H·d; per MLP with m kept channels: 4·N·D·m. Norms,
+softmax and activations are not counted. Cross-attention towers read their key count from the
+token entry '<tower>_kv'.
 """
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ from mmprune.models.base import TowerSpec
 
 def attention_flops(tokens: float, hidden: int, heads: int, head_dim: int) -> float:
     return 8 * tokens * hidden * heads * head_dim + 4 * tokens ** 2 * heads * head_dim
+
+
+def cross_attention_flops(queries, keys, hidden: int, kv_hidden: int, heads: int, head_dim: int):
+    """q and o on the queries, k and v on the other tower's states, QKᵀ and A·V between them."""
+    width = heads * head_dim
+    return 4 * queries * hidden * width + 4 * keys * kv_hidden * width + 4 * queries * keys * width
 
 
 def mlp_flops(tokens: float, hidden: int, channels: int, n_in: int = 1) -> float:
@@ -38,7 +46,11 @@ class CostModel:
         d = self.towers[group.tower].hidden_size
         size = group.size if size is None else size
         if isinstance(group, HeadGroup):
-            return attention_flops(n, d, size, group.site.head_dim)
+            site = group.site
+            if site.kv_hidden_size is not None:  # cross-attention: keys/values from another tower
+                kv = (tokens or self.tokens).get(f"{group.tower}_kv", n)
+                return cross_attention_flops(n, kv, d, site.kv_hidden_size, size, site.head_dim)
+            return attention_flops(n, d, size, site.head_dim)
         return mlp_flops(n, d, size, len(group.site.fc_in))
 
     def unit_flops(self, group: UnitGroup, tokens: Mapping[str, float] | None = None) -> float:
@@ -70,8 +82,10 @@ class CostModel:
         for gid, g in self.groups.items():
             if tower not in (None, g.tower):
                 continue
-            n = counts.get(gid)
+            n, kv = counts.get(gid), counts.get(f"{gid}:kv")
             tokens = {**self.tokens, g.tower: n if n is not None else self.tokens[g.tower]}
+            if kv is not None:
+                tokens[f"{g.tower}_kv"] = kv
             total = total + self.group_flops(g, None if sizes is None else sizes.get(gid, g.size),
                                              tokens)
         return total
@@ -91,15 +105,16 @@ def unit_param_count(model, group: UnitGroup) -> int:
     if isinstance(group, HeadGroup):
         d = group.site.head_dim
         per_head = 0
-        for name in (group.site.q, group.site.k, group.site.v):
-            lin = getattr(root, name)
+        s = group.site
+        for name in (s.q,) * 3 if s.fused_qkv else (s.q, s.k, s.v):
+            lin = root.get_submodule(name)
             per_head += d * lin.in_features + (d if lin.bias is not None else 0)
-        per_head += d * getattr(root, group.site.o).out_features
+        per_head += d * root.get_submodule(group.site.o).out_features
         return per_head
     assert isinstance(group, ChannelGroup)
     per = 0
     for name in group.site.fc_in:
-        lin = getattr(root, name)
+        lin = root.get_submodule(name)
         per += lin.in_features + (1 if lin.bias is not None else 0)
-    per += getattr(root, group.site.fc_out).out_features
+    per += root.get_submodule(group.site.fc_out).out_features
     return per

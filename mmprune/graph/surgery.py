@@ -26,8 +26,8 @@ def _expected(graph: ModelGraph, group: UnitGroup) -> tuple[list[nn.Module], lis
     root = graph.adapter.module(group.site.path)
     if isinstance(group, HeadGroup):
         s = group.site
-        return [getattr(root, s.q), getattr(root, s.k), getattr(root, s.v)], [getattr(root, s.o)]
-    return [getattr(root, n) for n in group.site.fc_in], [getattr(root, group.site.fc_out)]
+        return [root.get_submodule(s.q), root.get_submodule(s.k), root.get_submodule(s.v)], [root.get_submodule(s.o)]
+    return [root.get_submodule(n) for n in group.site.fc_in], [root.get_submodule(group.site.fc_out)]
 
 
 def remove_units(graph: ModelGraph, group: UnitGroup, positions: list[int]) -> None:
@@ -41,6 +41,34 @@ def remove_units(graph: ModelGraph, group: UnitGroup, positions: list[int]) -> N
         raise SurgeryError(f"{group.id}: refusing to remove every unit of the module")
     outs, ins = _expected(graph, group)
     idxs = group.channels(positions)
+    if isinstance(group, HeadGroup) and group.site.fused_qkv:
+        _remove_fused_heads(group, outs[0], ins[0], idxs)
+    else:
+        _remove_with_dependency_graph(graph, group, outs, ins, idxs)
+    drop = set(positions)
+    group.kept = [k for i, k in enumerate(group.kept) if i not in drop]
+    if isinstance(group, HeadGroup):
+        graph.adapter.set_num_heads(group.site, group.size)
+    else:
+        graph.adapter.set_mlp_width(group.site, group.size)
+    if group.id in graph.nx:
+        graph.nx.nodes[group.id]["size"] = group.size
+
+
+def _remove_fused_heads(group: HeadGroup, qkv: nn.Module, out: nn.Module, idxs: list[int]) -> None:
+    """A fused [q; k; v] projection: the head's rows in each third, and its columns of the output.
+
+    torch-pruning cannot see heads through the reshape/permute that splits a fused projection
+    (it would treat the 3·H·d outputs as independent channels), so these two layers, the only
+    ones a head owns, are cut directly with the indices each needs.
+    """
+    width = qkv.out_features // 3
+    tp.prune_linear_out_channels(qkv, [part * width + i for part in range(3) for i in idxs])
+    tp.prune_linear_in_channels(out, idxs)
+
+
+def _remove_with_dependency_graph(graph: ModelGraph, group: UnitGroup, outs: list[nn.Module],
+                                  ins: list[nn.Module], idxs: list[int]) -> None:
     dg = graph.dependency_graph()
     pg = dg.get_pruning_group(outs[0], tp.prune_linear_out_channels, idxs=idxs)
     touched = {(dep.target.module, dep.handler.__name__ if hasattr(dep.handler, "__name__")
@@ -61,14 +89,6 @@ def remove_units(graph: ModelGraph, group: UnitGroup, positions: list[int]) -> N
     for m in ins:
         if m not in touched_modules:
             tp.prune_linear_in_channels(m, idxs)
-    drop = set(positions)
-    group.kept = [k for i, k in enumerate(group.kept) if i not in drop]
-    if isinstance(group, HeadGroup):
-        graph.adapter.set_num_heads(group.site, group.size)
-    else:
-        graph.adapter.set_mlp_width(group.site, group.size)
-    if group.id in graph.nx:
-        graph.nx.nodes[group.id]["size"] = group.size
 
 
 def keep_units(graph: ModelGraph, group: UnitGroup, original: list[int]) -> None:

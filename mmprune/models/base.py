@@ -24,12 +24,16 @@ class AttentionSite:
     tower: str
     layer: int
     path: str            # module path of the attention module
-    q: str               # child names of the projections
+    q: str               # paths of the projections, relative to `path`
     k: str
     v: str
     o: str
     num_heads: int
     head_dim: int
+    #: q, k and v name one Linear whose output stacks [q; k; v] (BLIP's vision `qkv`)
+    fused_qkv: bool = False
+    #: width of the states keys and values are computed from, when not the tower's (cross-attention)
+    kv_hidden_size: int | None = None
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
 from mmprune.errors import MMPruneError
-from mmprune.models import inputs
-from mmprune.models.base import Adapter
+from mmprune.models import blip_blocks, inputs
+from mmprune.models.base import Adapter, AttentionSite, MLPSite, TowerSpec
 from mmprune.models.clip import _merge, recall_at_k
+from mmprune.runtime.blocks import ManagedTowerSpec, first_token_marks
 
 TINY_CONFIG = dict(
     text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -81,19 +82,32 @@ class _BlipBase(Adapter):
 
     def input_spec(self) -> dict:
         vcfg, tcfg = self.model.config.vision_config, self.model.config.text_config
-        return dict(image_size=vcfg.image_size, num_channels=vcfg.num_channels,
+        return dict(image_size=vcfg.image_size, num_channels=self._channels(),
                     vocab_size=tcfg.vocab_size, max_text_len=tcfg.max_position_embeddings,
                     bos_token_id=tcfg.bos_token_id, eos_token_id=tcfg.sep_token_id,
                     pad_token_id=tcfg.pad_token_id)
 
+    def _channels(self) -> int:
+        # BlipVisionConfig has no num_channels: the patch embedding fixes it
+        return self.model.vision_model.embeddings.patch_embedding.in_channels
+
     def _max_len(self) -> int:
         return self.model.config.text_config.max_position_embeddings
 
-    def _vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _vision(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image token states and which of them are real [B, N] (all of them, unless token
+        pruning handed on a batch padded to its longest example)."""
+        from mmprune.runtime.runtime import runtime_of
+
         size = self.model.config.vision_config.image_size
         wide = pixel_values.shape[-1] != size or pixel_values.shape[-2] != size
-        return self.model.vision_model(pixel_values=pixel_values,
-                                       interpolate_pos_encoding=wide).last_hidden_state
+        states = self.model.vision_model(pixel_values=pixel_values,
+                                         interpolate_pos_encoding=wide).last_hidden_state
+        rt = runtime_of(self.model)
+        valid = None if rt is None or "vision" not in rt.towers else rt.towers["vision"].last_valid
+        if valid is None or valid.shape != states.shape[:2]:
+            valid = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        return states, valid.long()
 
     def tokens_per_example(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         patch = self.model.config.vision_config.patch_size
@@ -110,6 +124,12 @@ class _BlipBase(Adapter):
         px = torch.randn(batch_size, spec["num_channels"], spec["image_size"], spec["image_size"],
                          generator=g)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": px}
+
+
+def _pad_cat(batches: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [B_i, N_i, ...] batches along dim 0, zero-padding dim 1 to the longest."""
+    width = max(t.shape[1] for t in batches)
+    return torch.cat([F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])) for t in batches])
 
 
 class BlipRetrievalAdapter(_BlipBase):
@@ -135,42 +155,76 @@ class BlipRetrievalAdapter(_BlipBase):
         raise MMPruneError(f"BLIP retrieval model: rows with fields {sorted(first)} are neither "
                            "image-caption (retrieval) nor image-pair-statement (nlvr) rows.")
 
+    # ---- structure (the forward measured is vision + one ITM fusion pass)
+    def attention_sites(self) -> list[AttentionSite]:
+        return (blip_blocks.vision_sites(self.model.vision_model, "vision_model")[0]
+                + blip_blocks.text_sites(self.model.text_encoder, "text_encoder")[0])
+
+    def mlp_sites(self) -> list[MLPSite]:
+        return (blip_blocks.vision_sites(self.model.vision_model, "vision_model")[1]
+                + blip_blocks.text_sites(self.model.text_encoder, "text_encoder")[1])
+
+    def towers(self) -> list[TowerSpec]:
+        vcfg, tcfg = self.model.config.vision_config, self.model.config.text_config
+        patches = (vcfg.image_size // vcfg.patch_size) ** 2
+        patch_embed = 2 * patches * vcfg.hidden_size * self._channels() * vcfg.patch_size ** 2
+        itm = 2 * tcfg.hidden_size * self.model.itm_head.out_features
+        return [TowerSpec("vision", vcfg.hidden_size, patch_embed),
+                TowerSpec("language", tcfg.hidden_size, itm),
+                TowerSpec("cross", tcfg.hidden_size, 0.0)]
+
+    def set_num_heads(self, site: AttentionSite, num_heads: int) -> None:
+        if site.fused_qkv:
+            blip_blocks.set_vision_heads(self.module(site.path), num_heads)
+        else:
+            blip_blocks.set_text_heads(self.module(site.path).self, num_heads)
+
+    def managed_towers(self) -> list[ManagedTowerSpec]:
+        return [ManagedTowerSpec("vision", "vision_model", "vision_model.encoder", "layers",
+                                 blip_blocks.BlipVisionBlockOps(), first_token_marks, output="compact"),
+                ManagedTowerSpec("language", "text_encoder", "text_encoder.encoder", "layer",
+                                 blip_blocks.BlipTextBlockOps(), blip_blocks.first_text_token_marks,
+                                 cross_tower="cross")]
+
+    def tokens_per_example(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = super().tokens_per_example(batch)
+        return {**out, "cross": out["language"], "cross_kv": out["vision"]}
+
     # ---- heads
-    def _text_cls(self, batch, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def _text_cls(self, batch, image=None) -> torch.Tensor:
+        """[CLS] state of the text encoder: unimodal, or fused with `image` (states, mask)."""
         kwargs = {}
-        if image_embeds is not None:
-            kwargs = dict(encoder_hidden_states=image_embeds,
-                          encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long))
+        if image is not None:
+            kwargs = dict(encoder_hidden_states=image[0], encoder_attention_mask=image[1])
         out = self.model.text_encoder(input_ids=batch["input_ids"],
                                       attention_mask=batch["attention_mask"], **kwargs)
         return out.last_hidden_state[:, 0]
 
-    def _itc(self, image_embeds: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        img = F.normalize(self.model.vision_proj(image_embeds[:, 0]), dim=-1)
+    def _itc(self, image, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        img = F.normalize(self.model.vision_proj(image[0][:, 0]), dim=-1)
         txt = F.normalize(self.model.text_proj(self._text_cls(batch)), dim=-1)
         return img, txt
 
-    def _itm(self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        cls = self._text_cls({"input_ids": ids, "attention_mask": mask}, image_embeds)
+    def _itm(self, image, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        cls = self._text_cls({"input_ids": ids, "attention_mask": mask}, image)
         return self.model.itm_head(cls)
 
     def forward(self, batch):
-        image_embeds = self._vision(batch["pixel_values"])
-        return self._itm(image_embeds, batch["input_ids"], batch["attention_mask"])
+        return self._itm(self._vision(batch["pixel_values"]), batch["input_ids"], batch["attention_mask"])
 
     # ---- task
     def task_loss(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-        image_embeds = self._vision(batch["pixel_values"])
+        image = self._vision(batch["pixel_values"])
         if "labels" in batch:
-            logits = self._itm(image_embeds, batch["input_ids"], batch["attention_mask"])
+            logits = self._itm(image, batch["input_ids"], batch["attention_mask"])
             return F.cross_entropy(logits, batch["labels"])
-        img, txt = self._itc(image_embeds, batch)
+        img, txt = self._itc(image, batch)
         sim = img @ txt.T / ITC_TEMPERATURE
         target = torch.arange(sim.shape[0])
         itc = (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
-        return itc + self._itm_loss(image_embeds, batch, sim.detach())
+        return itc + self._itm_loss(image, batch, sim.detach())
 
-    def _itm_loss(self, image_embeds, batch, sim: torch.Tensor) -> torch.Tensor:
+    def _itm_loss(self, image, batch, sim: torch.Tensor) -> torch.Tensor:
         """BLIP's ITM loss: each positive pair plus a hard negative text and a hard negative image,
         sampled in proportion to their contrastive similarity."""
         b = sim.shape[0]
@@ -180,8 +234,8 @@ class BlipRetrievalAdapter(_BlipBase):
         neg_text = torch.multinomial(weights, 1).squeeze(1)
         neg_image = torch.multinomial(weights.T.contiguous(), 1).squeeze(1)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        embeds = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])
-        logits = self._itm(embeds, torch.cat([ids, ids[neg_text], ids]),
+        pairs = [torch.cat([t, t, t[neg_image]]) for t in image]
+        logits = self._itm(pairs, torch.cat([ids, ids[neg_text], ids]),
                            torch.cat([mask, mask[neg_text], mask]))
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long()
         return F.cross_entropy(logits, labels)
@@ -196,22 +250,22 @@ class BlipRetrievalAdapter(_BlipBase):
         return self._retrieval_metrics(list(batches))
 
     def _retrieval_metrics(self, batches: list[dict]) -> dict[str, float]:
-        embeds, img, txt, ids, masks = [], [], [], [], []
+        states, valid, img, txt, ids, masks = [], [], [], [], [], []
         for batch in batches:
-            e = self._vision(batch["pixel_values"])
-            i, t = self._itc(e, batch)
-            embeds.append(e)
+            image = self._vision(batch["pixel_values"])
+            i, t = self._itc(image, batch)
+            states.append(image[0])
+            valid.append(image[1])
             img.append(i)
             txt.append(t)
-            ids += list(batch["input_ids"])
-            masks += list(batch["attention_mask"])
-        embeds, sim = torch.cat(embeds), torch.cat(img) @ torch.cat(txt).T
-        width = max(len(r) for r in ids)
-        ids = torch.stack([F.pad(r, (0, width - len(r))) for r in ids])
-        masks = torch.stack([F.pad(r, (0, width - len(r))) for r in masks])
+            ids.append(batch["input_ids"])
+            masks.append(batch["attention_mask"])
+        # batches differ in length (text padding; image tokens when token pruning is on)
+        states, valid, ids, masks = (_pad_cat(t) for t in (states, valid, ids, masks))
+        sim = torch.cat(img) @ torch.cat(txt).T
         m = {"itc_i2t_r1": recall_at_k(sim, 1), "itc_t2i_r1": recall_at_k(sim.T, 1)}
-        i2t = self._rerank(sim, lambda rows, cols: (embeds[rows], ids[cols], masks[cols]))
-        t2i = self._rerank(sim.T, lambda rows, cols: (embeds[cols], ids[rows], masks[rows]))
+        i2t = self._rerank(sim, lambda rows, cols: ((states[rows], valid[rows]), ids[cols], masks[cols]))
+        t2i = self._rerank(sim.T, lambda rows, cols: ((states[cols], valid[cols]), ids[rows], masks[rows]))
         m.update(i2t_r1=recall_at_k(i2t, 1), i2t_r5=recall_at_k(i2t, 5),
                  t2i_r1=recall_at_k(t2i, 1), t2i_r5=recall_at_k(t2i, 5))
         m["r1_mean"] = (m["i2t_r1"] + m["t2i_r1"]) / 2
@@ -260,11 +314,10 @@ class BlipVQAAdapter(_BlipBase):
         return self.model(**batch).loss
 
     def _question(self, batch) -> torch.Tensor:
-        image_embeds = self._vision(batch["pixel_values"])
+        states, valid = self._vision(batch["pixel_values"])
         return self.model.text_encoder(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long)).last_hidden_state
+            encoder_hidden_states=states, encoder_attention_mask=valid).last_hidden_state
 
     def forward(self, batch):
         return self.generate(batch)

@@ -45,7 +45,8 @@ class CompParams(PassParams):
                       "(off: plain attention).")
     head_reduce: Literal["max", "mean"] = Field("max", description="How CIT combines heads.")
     merge_dropped: Literal["none", "fuse_one"] = Field("none", description="none: drop tokens; "
-                                                       "fuse_one: fold them into one weighted token.")
+                                                       "fuse_one: fold them into one weighted token "
+                                                       "(non-causal towers; causal ones drop).")
     token_layers: dict[str, list[int]] | None = Field(None, description="Blocks with a token site "
                                                       "per tower (default: every block).")
     min_heads_per_module: int = Field(1, ge=1, description="Heads every attention module keeps.")

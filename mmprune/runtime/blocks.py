@@ -47,6 +47,20 @@ class BlockOps:
         """The MLP output projection (rows of W_2 in CIP)."""
         raise NotImplementedError
 
+    # ---- cross-attention (BLIP's text encoder); blocks without one keep the defaults
+    def has_cross(self, layer: nn.Module) -> bool:
+        return False
+
+    def cross_qkv(self, layer: nn.Module, x: torch.Tensor, states: torch.Tensor):
+        """Queries from `x`, keys and values from the other tower's `states`, each [B, H, ·, d]."""
+        raise NotImplementedError
+
+    def cross_out(self, layer: nn.Module, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def cross_out_proj(self, layer: nn.Module) -> nn.Linear:
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class TokenMarks:
@@ -66,6 +80,8 @@ class ManagedTowerSpec:
     name of its block list. `output` says what the tower hands on: 'restore' scatters the kept
     tokens back to their original positions (poolers and later modules see the usual shape),
     'compact' hands on the kept tokens only, with `ManagedTower.last_valid` as their mask.
+    Cross-attention, where blocks have it, runs after the token site on the kept tokens, with
+    keys from the encoder states the tower is called with.
     """
 
     tower: str
@@ -76,6 +92,8 @@ class ManagedTowerSpec:
     marks: Callable[[dict[str, Any], torch.Tensor], TokenMarks]
     causal: bool = False
     output: Literal["restore", "compact"] = "restore"
+    #: the tower whose units are this tower's cross-attention heads (BLIP: 'cross')
+    cross_tower: str | None = None
 
 
 def first_token_marks(kwargs: dict[str, Any], hidden: torch.Tensor) -> TokenMarks:

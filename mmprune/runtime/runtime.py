@@ -59,19 +59,29 @@ class TokenRuntime:
         self.installed = False
 
     # ---- controls
+    def host(self, tower: str) -> ManagedTower | None:
+        """The managed tower whose blocks hold `tower`'s units (itself, or the host of its
+        cross-attention)."""
+        if tower in self.towers:
+            return self.towers[tower]
+        return next((t for t in self.towers.values() if t.spec.cross_tower == tower), None)
+
     def _control(self, gid: str):
         group = self.graph.groups.get(gid)
-        if group is None or group.tower not in self.towers:
+        host = None if group is None else self.host(group.tower)
+        if host is None:
             raise MMPruneError(f"'{gid}' is not a unit group of a managed tower "
                                f"(managed: {', '.join(self.towers) or 'none'})")
-        return group, self.towers[group.tower].controls[group.layer]
+        return group, host.controls[group.layer]
 
     def set_mask(self, gid: str, mask: torch.Tensor | None) -> None:
         """Soft mask of a head or channel group, one value per current unit (None: all ones)."""
         group, ctl = self._control(gid)
         if mask is not None and mask.shape != (group.size,):
             raise MMPruneError(f"mask for {gid} has shape {tuple(mask.shape)}, expected ({group.size},)")
-        if group.kind == "head":
+        if group.kind == "head" and group.tower not in self.towers:
+            ctl.cross_mask = mask
+        elif group.kind == "head":
             ctl.head_mask = mask
         else:
             ctl.mlp_mask = None if mask is None else mask.view(1, 1, -1)
@@ -79,7 +89,7 @@ class TokenRuntime:
     def clear_masks(self) -> None:
         for t in self.towers.values():
             for ctl in t.controls:
-                ctl.head_mask = ctl.mlp_mask = None
+                ctl.head_mask = ctl.mlp_mask = ctl.cross_mask = None
 
     def set_sites(self, tower: str, site: SiteControl | None, layers: list[int] | None = None) -> None:
         """Token dropping for `tower` at `layers` (default: every block); None turns it off."""
@@ -119,13 +129,19 @@ class TokenRuntime:
 
     # ---- measurements
     def counts(self) -> dict[str, torch.Tensor]:
-        """Per-example tokens [B] at every unit group of the last forward (attn: in, mlp: kept)."""
+        """Per-example tokens [B] at every unit group of the last forward (attn: in, mlp: kept,
+        cross-attention: kept queries, and '<gid>:kv' the keys)."""
         out = {}
         for gid, g in self.graph.groups.items():
-            t = self.towers.get(g.tower)
-            key = (g.layer, "attn" if g.kind == "head" else "mlp")
-            if t is not None and key in t.last_counts:
+            t = self.host(g.tower)
+            if t is None:
+                continue
+            cross = g.tower not in self.towers
+            key = (g.layer, "cross" if cross else "attn" if g.kind == "head" else "mlp")
+            if key in t.last_counts:
                 out[gid] = t.last_counts[key].double()
+            if cross and (g.layer, "cross_kv") in t.last_counts:
+                out[f"{gid}:kv"] = t.last_counts[(g.layer, "cross_kv")].double()
         return out
 
     # ---- saved form

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as TowerOutput
 
 from mmprune.runtime import tokens as T
 from mmprune.runtime.blocks import ManagedTowerSpec, TokenMarks
@@ -35,6 +35,7 @@ class BlockControl:
 
     head_mask: torch.Tensor | None = None
     mlp_mask: torch.Tensor | None = None
+    cross_mask: torch.Tensor | None = None
     site: SiteControl | None = None
 
 
@@ -104,11 +105,14 @@ class ManagedTower:
             del encoder.forward
 
     # ---- the forward
-    def forward(self, *args, **kwargs) -> BaseModelOutput:
+    def forward(self, *args, **kwargs) -> TowerOutput:
         hidden = args[0] if args else kwargs.get("inputs_embeds", kwargs.get("hidden_states"))
         marks = self.spec.marks(self._call_kwargs, hidden)
         st = self._start(hidden, marks)
         pending = last_s = None   # the previous block's MLP activation is scored with this block's tokens
+        states = kwargs.get("encoder_hidden_states")
+        states_valid = None if states is None else _valid_from_mask(kwargs.get("encoder_attention_mask"),
+                                                                     states)
         self.last_counts = {}
         for i, layer in enumerate(self.layers):
             ctl = self.controls[i]
@@ -121,6 +125,8 @@ class ManagedTower:
             st.x = self.spec.ops.attention_out(layer, st.x, context)
             if ctl.site is not None and s is not None:
                 st, s = self._drop(st, s, ctl.site, i)
+            if states is not None and self.spec.ops.has_cross(layer):
+                st.x = self._cross(layer, st, ctl, states, states_valid, s, i)
             self.last_counts[(i, "mlp")] = st.valid.sum(dim=1)
             hidden_act = self.spec.ops.mlp_hidden(layer, st.x)
             if ctl.mlp_mask is not None:
@@ -130,7 +136,7 @@ class ManagedTower:
             last_s = s
         if self.observer is not None and pending is not None and last_s is not None:
             self.observer.mlp(self.spec.tower, len(self.layers) - 1, pending, last_s, st.valid, st.global_)
-        return BaseModelOutput(last_hidden_state=self._finish(st, hidden))
+        return TowerOutput(last_hidden_state=self._finish(st, hidden))
 
     def _needs_scores(self, ctl: BlockControl) -> bool:
         return self.observer is not None or (ctl.site is not None and ctl.site.theta > 0)
@@ -163,6 +169,25 @@ class ManagedTower:
         if ctl.head_mask is not None:
             context = context * ctl.head_mask.view(1, h, 1, 1).to(context.dtype)
         return s, context.transpose(1, 2).reshape(st.x.shape[0], st.x.shape[1], h * d)
+
+    def _cross(self, layer, st: _State, ctl: BlockControl, states, states_valid, s, i) -> torch.Tensor:
+        """Cross-attention of the kept tokens to the other tower's states, heads scaled by mask."""
+        ops = self.spec.ops
+        q, k, v = ops.cross_qkv(layer, st.x, states)
+        h, d = q.shape[1], q.shape[-1]
+        logits = (q @ k.transpose(-1, -2)) * d ** -0.5
+        logits = logits.masked_fill(~states_valid[:, None, None, :], torch.finfo(logits.dtype).min)
+        probs = logits.softmax(dim=-1)
+        p = ops.attention_dropout(layer) if self.model.training else 0.0
+        context = F.dropout(probs, p, self.model.training) @ v if p else probs @ v
+        if ctl.cross_mask is not None:
+            context = context * ctl.cross_mask.view(1, h, 1, 1).to(context.dtype)
+        context = context.transpose(1, 2).reshape(st.x.shape[0], st.x.shape[1], h * d)
+        self.last_counts[(i, "cross")] = st.valid.sum(dim=1)
+        self.last_counts[(i, "cross_kv")] = states_valid.sum(dim=1)
+        if self.observer is not None and s is not None:
+            self.observer.attention(self.spec.cross_tower, i, context, s, st.valid, st.global_)
+        return ops.cross_out(layer, st.x, context)
 
     def _drop(self, st: _State, s: torch.Tensor, site: SiteControl, layer: int):
         cand = st.valid & ~st.protected
@@ -216,3 +241,13 @@ class ManagedTower:
         real = st.valid & (st.position < n)   # the merged token has no original position
         rows = torch.arange(b, device=hidden.device)[:, None].expand_as(st.position)
         return out.index_put((rows[real], st.position[real]), st.x[real])
+
+
+def _valid_from_mask(mask: torch.Tensor | None, states: torch.Tensor) -> torch.Tensor:
+    """[B, N_kv] bool from an encoder mask: 0/1 per key, or HF's additive [B, 1, 1, N_kv] form."""
+    b, n = states.shape[:2]
+    if mask is None:
+        return torch.ones(b, n, dtype=torch.bool, device=states.device)
+    if mask.dim() == 4:
+        return mask.reshape(b, -1)[:, -n:] == 0
+    return mask.bool()

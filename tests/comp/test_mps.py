@@ -103,3 +103,11 @@ def test_exhausted_modes_are_never_chosen():
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="vision_tokens"):
         ModeScheduler(["vision_tokenz"])
+
+
+def test_retired_mode_is_not_chosen_again_and_keeps_its_stage():
+    s = ModeScheduler(MODES, rho=0.0)
+    mode, _ = s.choose()
+    s.record(mode, 1, 1, 1, 0.98)
+    s.retire(mode)
+    assert s.stage == 1 and mode not in s.active

@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from mmprune.context import Context
+from mmprune.data.synthetic import SyntheticParams, SyntheticSource
 from mmprune.pipeline import run
 from mmprune.recipe import load_recipe
 from mmprune.saved import load_bundle
@@ -33,6 +35,14 @@ def test_comp_reaches_the_target_and_exports(write_recipe, registry, tmp_path):
     # each stage removes at most a quantum (plus one unit's worth) and the flops fall monotonically
     flops = [t["flops"] for t in traj]
     assert all(b <= a + 1e-9 for a, b in zip(flops, flops[1:]))
+    # on the probe set a token stage removes its quantum ± 10%, a parameter stage at least it
+    for t in traj[1:]:
+        if t["last"]:       # a mode's final stage takes what is left, less than a quantum
+            assert t["planned"] < t["quantum"]
+        elif t["mode"].endswith("tokens"):
+            assert 0.9 * t["quantum"] <= t["planned"] <= 1.1 * t["quantum"], t
+        else:
+            assert t["planned"] >= t["quantum"] - 1e-9, t
     assert report["ratios"]["flops_reduction"] >= 0.3   # measured on test, sized on validation
     assert report["final"]["params"] < report["baseline"]["params"]
     assert (out / "plots" / "mps_modes.png").stat().st_size > 5000
@@ -40,6 +50,13 @@ def test_comp_reaches_the_target_and_exports(write_recipe, registry, tmp_path):
     assert spec["token_policy"]["towers"]
     bundle = load_bundle(out / "model")
     assert bundle.spec["token_policy"] == spec["token_policy"]
+    # the export reproduces the reported test metrics with its token pruning restored
+    data = SyntheticSource(SyntheticParams(task="retrieval", train_size=64, validation_size=32,
+                                           test_size=32), seed=0).load(bundle.adapter)
+    ctx = Context(bundle.adapter, bundle.graph, data, "retrieval", show_progress=False)
+    with torch.inference_mode():
+        metrics = bundle.adapter.evaluate(ctx.batches("test", 32), "retrieval")
+    assert metrics == report["final"]["metrics"]
 
 
 def test_param_only_mode_leaves_tokens_alone(write_recipe, registry, tmp_path):

@@ -1,0 +1,114 @@
+"""CoMP against its single-mode baselines at several FLOPs reductions (BENCHMARKS.md, CoMP table).
+
+    .venv/bin/python benchmarks/comp_table.py --ratios 0.5 0.8 [--methods comp upop tokens sjp]
+                                              [--ablations] [--family clip]
+
+Every method runs its recipe (recipes/comp_<family>_<task>.yaml, recipes/baselines/*) with
+only the FLOPs target changed, so budgets, data, search schedule and fine-tuning steps are the
+same. Numbers are test metrics of the exported model; FLOPs reductions are the analytic means
+over the test split; speedups are median latencies of the dense and pruned models timed
+interleaved in the same run. Rows go to benchmarks/results/comp.json (one per family, task,
+method, ratio; a rerun replaces its rows) and a markdown table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from mmprune.pipeline import run
+from mmprune.plugins.manager import get_registry
+from mmprune.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "comp.json"
+TASKS = {"clip": "retrieval"}
+
+#: method -> (recipe, overrides besides the target)
+def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
+    comp = ROOT / "recipes" / f"comp_{family}_{task}.yaml"
+    base = ROOT / "recipes" / "baselines"
+    return {
+        "comp": (comp, []),
+        "upop": (base / f"upop_{family}_{task}.yaml", []),
+        "tokens": (base / f"tokens_{family}_{task}.yaml", []),
+        "sjp": (base / f"sjp_{family}_{task}.yaml", []),
+        # ablations (comp.md §8)
+        "comp_cim_off": (comp, ["passes.0.comp.cip=false", "passes.0.comp.cit=false"]),
+        "comp_cip_only": (comp, ["passes.0.comp.cit=false"]),
+        "comp_cit_only": (comp, ["passes.0.comp.cip=false"]),
+        "comp_round_robin": (comp, ["passes.0.comp.schedule=round_robin"]),
+        "comp_greedy": (comp, ["passes.0.comp.rho=0", "passes.0.comp.lambda0=0"]),
+        "comp_greedy_explore": (comp, ["passes.0.comp.lambda0=0"]),
+    }
+
+
+ABLATIONS = ["comp_cim_off", "comp_cip_only", "comp_cit_only", "comp_round_robin", "comp_greedy",
+             "comp_greedy_explore"]
+
+
+def targets(method: str, ratio: float) -> list[str]:
+    if method == "sjp":   # tokens to half the reduction, then parameters for the rest
+        return [f"passes.0.comp.target={ratio / 2}", f"passes.1.comp.target={ratio}"]
+    return [f"passes.0.comp.target={ratio}"]
+
+
+def run_one(family: str, task: str, method: str, ratio: float) -> dict:
+    recipe, extra = methods(family, task)[method]
+    reg = get_registry()
+    out = ROOT / "runs" / "bench" / "comp" / f"{family}_{task}_{method}_{ratio}"
+    rec = load_recipe(recipe, reg, tuple(targets(method, ratio) + extra))
+    t0 = time.perf_counter()
+    report = run(rec, reg, out=out, overwrite=True, show_progress=False, log=lambda m: None)
+    head = report["headline_metric"]
+    return {"family": family, "task": task, "method": method, "flops_reduction": ratio,
+            "achieved_flops_reduction": round(report["ratios"]["flops_reduction"], 4),
+            "metric": head, "value": round(report["final"]["metrics"][head], 2),
+            "dense_value": round(report["baseline"]["metrics"][head], 2),
+            "speedup": round(report["ratios"]["speedup"], 3),
+            "params_reduction": round(report["ratios"]["params_reduction"], 4),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def save(rows: list[dict]) -> None:
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    key = lambda r: (r["family"], r["task"], r["method"], r["flops_reduction"])  # noqa: E731
+    new = {key(r): r for r in rows}
+    merged = [r for r in old if key(r) not in new] + rows
+    RESULTS.write_text(json.dumps(sorted(merged, key=key), indent=1) + "\n")
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| family | task | method | target | achieved | metric | value | dense | kept | speedup | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kept = 100 * r["value"] / r["dense_value"] if r["dense_value"] else float("nan")
+        lines.append(f"| {r['family']} | {r['task']} | {r['method']} | {r['flops_reduction']} | "
+                     f"{r['achieved_flops_reduction']:.3f} | {r['metric']} | {r['value']:.2f} | "
+                     f"{r['dense_value']:.2f} | {kept:.0f}% | {r['speedup']:.2f}x | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", default="clip", choices=sorted(TASKS))
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.85])
+    ap.add_argument("--methods", nargs="+", default=["comp", "upop", "tokens", "sjp"])
+    ap.add_argument("--ablations", action="store_true", help="also the ablations, at 0.8 only")
+    args = ap.parse_args()
+    task = TASKS[args.family]
+    plan = [(m, r) for r in args.ratios for m in args.methods]
+    if args.ablations:
+        plan += [(m, 0.8) for m in ABLATIONS]
+    rows = []
+    for method, ratio in plan:
+        row = run_one(args.family, task, method, ratio)
+        rows.append(row)
+        save([row])
+        print(table([row]).splitlines()[-1], flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

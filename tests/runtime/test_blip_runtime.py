@@ -1,0 +1,99 @@
+"""The token-pruning runtime on BLIP: fused-qkv ViT, post-norm text encoder with cross-attention."""
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmprune.comp.cim import CIPStatistics
+from mmprune.graph import remove_units, trace
+from mmprune.models.blip import BlipRetrievalAdapter
+from mmprune.runtime import SiteControl
+from mmprune.runtime.runtime import TokenRuntime
+
+
+def _blip(seed=0):
+    model = BlipRetrievalAdapter.tiny_model(seed)
+    adapter = BlipRetrievalAdapter(model, *BlipRetrievalAdapter.default_processors(model))
+    return adapter, trace(adapter)
+
+
+def _batch(adapter, n=3):
+    b = adapter.example_inputs(n)
+    b["attention_mask"][1, 5:] = 0
+    b["input_ids"][1, 4], b["input_ids"][1, 5:] = 3, 0
+    return b
+
+
+@torch.no_grad()
+def test_identity_and_keep_all():
+    adapter, graph = _blip()
+    batch = _batch(adapter)
+    dense = adapter.forward(batch)
+    rt = TokenRuntime.attach(graph)
+    assert (adapter.forward(batch) - dense).abs().max() < 1e-5
+    rt.set_sites("vision", SiteControl(0.0))
+    rt.set_sites("language", SiteControl(0.0))
+    assert (adapter.forward(batch) - dense).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_zero_masks_equal_removal_including_cross_heads():
+    adapter, graph = _blip()
+    batch = _batch(adapter)
+    sliced = BlipRetrievalAdapter(copy.deepcopy(adapter.model))
+    sgraph = trace(sliced)
+    rt = TokenRuntime.attach(graph)
+    drop = {"vision.0.attn": [0, 3], "language.1.attn": [2], "cross.0.attn": [1, 2],
+            "cross.1.attn": [0], "language.0.mlp": [4, 5, 6], "vision.1.mlp": list(range(50))}
+    for gid, units in drop.items():
+        mask = torch.ones(graph.groups[gid].size)
+        mask[units] = 0
+        rt.set_mask(gid, mask)
+        remove_units(sgraph, sgraph.groups[gid], units)
+    for tower in ("vision", "language"):
+        rt.set_sites(tower, SiteControl(theta=0.9))
+    TokenRuntime.attach(sgraph).apply_policy(rt.policy())
+    assert (adapter.forward(batch) - sliced.forward(batch)).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_batch_invariance_and_flops_with_tokens_dropped():
+    adapter, graph = _blip()
+    batch = _batch(adapter, 3)
+    rt = TokenRuntime.attach(graph)
+    rt.set_sites("vision", SiteControl(theta=1.0))
+    rt.set_sites("language", SiteControl(theta=1.0))
+    out = adapter.forward(batch)
+    counts = rt.counts()
+    assert counts["cross.1.attn:kv"].max() < 17        # the cross-attention sees the kept image tokens
+    for i in range(3):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        with FlopCounterMode(display=False) as fc:
+            single = adapter.forward(one)
+        assert (single - out[i:i + 1]).abs().max() < 1e-5
+        c = rt.counts()
+        assert {g: float(v[0]) for g, v in c.items()} == {g: float(v[i]) for g, v in counts.items()}
+        if i != 1:   # the padded example computes its padding at batch 1; counts exclude it
+            assert float(graph.cost.flops_per_example(c)[0]) == pytest.approx(fc.get_total_flops(), rel=0.02)
+
+
+def test_cross_heads_get_importance_statistics():
+    adapter, graph = _blip()
+    rt = TokenRuntime.attach(graph)
+    stats = CIPStatistics(graph)
+    rt.set_observer(stats)
+    with torch.no_grad():
+        adapter.forward(_batch(adapter))
+    scores = stats.scores()
+    assert {"cross.0.attn", "cross.1.attn", "vision.0.attn", "language.1.mlp"} <= set(scores)
+    assert scores["cross.0.attn"].shape == (4,) and (scores["cross.0.attn"] > 0).all()
+
+
+def test_retrieval_evaluation_with_tokens_dropped_runs_on_padded_batches():
+    adapter, graph = _blip()
+    rt = TokenRuntime.attach(graph)
+    rt.set_sites("vision", SiteControl(theta=1.0))
+    batches = [_batch(adapter, 3), adapter.example_inputs(4)]
+    m = adapter.evaluate(batches, "retrieval")
+    assert 0 <= m["r1_mean"] <= 100
