@@ -46,6 +46,8 @@ class Context:
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     #: where `log` sends lines (the pipeline's logger); None: tqdm.write when progress is shown
     logger: Callable[[str], None] | None = None
+    #: a split no code may read (the report split, while calibrating passes run)
+    sealed_split: str | None = None
     #: loads a fresh copy of the run's dense source model (a distillation teacher); None: unavailable
     load_dense: Callable[[], Adapter] | None = None
 
@@ -54,6 +56,10 @@ class Context:
         return self.adapter.model
 
     def examples(self, split: str, max_examples: int | None = None) -> datasets.Dataset:
+        if split == self.sealed_split:
+            raise MMPruneError(f"a pass that fits the model to data read the '{split}' split, "
+                               "which the report is measured on; that split is sealed until the "
+                               "final measurement.")
         if split not in self.data:
             raise MMPruneError(f"the data has no split '{split}'." + did_you_mean(split, self.data))
         ds = self.data[split]

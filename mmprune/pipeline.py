@@ -339,8 +339,13 @@ def _execute(recipe: Recipe, registry: Registry, planned: list[PlannedPass], out
         log(f"[{p.index + 1}/{len(planned)}] {p.name}")
         seed_everything(recipe.seed * 100_003 + p.index + 1)
         t0 = time.perf_counter()
-        with PeakRSS() as rss:
-            p.instance.run(ctx)
+        # a pass that fits the model to data must never see the report split (comp.md §12.12)
+        ctx.sealed_split = recipe.evaluation.split if p.instance.calibrates else None
+        try:
+            with PeakRSS() as rss:
+                p.instance.run(ctx)
+        finally:
+            ctx.sealed_split = None
         ctx.facts |= p.instance.gives()
         record = {"name": p.name, "seconds": round(time.perf_counter() - t0, 3),
                   "peak_rss_mb": round(rss.peak, 1)}

@@ -54,11 +54,36 @@ def to_markdown(report: dict) -> str:
             metrics = ", ".join(f"{k} {v:.2f}" for k, v in e["metrics"].items())
             lat = f"{e['latency_ms']:.2f} ms" if e.get("latency_ms") else "-"
             lines.append(f"| {e['label']} | {e['split']} | {metrics} | {_fmt(e['flops'])} | {lat} |")
+    lines += _comp_section(report.get("state", {}))
     lines += ["", "## Kept structure", "", "| group | kept / total |", "|---|---:|"]
     for gid, g in report["structure"].items():
         lines.append(f"| {gid} ({g['kind']}s) | {len(g['kept'])} / {g['total']} |")
     lines += ["", "Plots: `plots/summary.png`, `plots/structure.png`.", ""]
     return "\n".join(lines)
+
+
+def _comp_section(state: dict) -> list[str]:
+    """The CoMP search trajectory and fine-tuning selection, when the run had them."""
+    lines = []
+    for n, c in enumerate(state.get("comp", []), 1):
+        name = "mps_modes.png" if n == 1 else f"mps_modes_{n}.png"
+        stages = [t for t in c["trajectory"] if t["mode"]]
+        lines += ["", f"## CoMP search {n}" if len(state["comp"]) > 1 else "## CoMP search", "",
+                  f"Target: {c['target']:.3f} of the dense FLOPs (validation subset, "
+                  f"{_fmt(c['dense_flops'])} dense); reached {c['final_flops']:.3f} in "
+                  f"{len(stages)} stages of {c['steps_per_stage']} steps (+{c['warmup_steps']} "
+                  f"warm-up). Modes: {', '.join(c['modes'])}. Token thresholds: "
+                  + (", ".join(f"{t} θ={v:.3g}" for t, v in c["thresholds"].items()) or "none")
+                  + f". Plot: `plots/{name}`.", "",
+                  "| stage | mode | chosen by | FLOPs | validation | cost r |", "|---:|---|---|---:|---:|---:|"]
+        for t in stages:
+            lines.append(f"| {t['stage']} | {t['mode']} | {t['why']} | {t['flops']:.3f} | "
+                         f"{t['quality']:.2f} | {t['r']:.3g} |")
+    for f in state.get("finetune", []):
+        lines += ["", f"Fine-tuning: {f['steps']} steps; selected step {f['selected_step']} "
+                  "(best validation within the FLOPs target): "
+                  + ", ".join(f"{h['step']}: {h['quality']:.2f}" for h in f["history"]) + "."]
+    return lines
 
 
 def plot_summary(report: dict, path: Path) -> None:

@@ -117,7 +117,9 @@ def load_bundle(directory: str | Path, registry=None) -> Bundle:
                                  f"config but the spec says {entry['total']}.")
         keep_units(graph, group, entry["kept"])
     if spec.get("token_policy"):
-        TokenRuntime.attach(graph).apply_policy(spec["token_policy"])
+        runtime = TokenRuntime.attach(graph)
+        runtime.apply_policy(spec["token_policy"])
+        runtime.release_idle()
     qnames = spec["quantization"]["modules"] if spec.get("quantization") else []
     try:
         quant.load_state_tensors(model, load_file(str(directory / WEIGHTS_FILE)), qnames)

@@ -178,3 +178,22 @@ def test_resume_after_killed_run_gives_same_final_metrics(write_recipe, tmp_path
         ya = mmprune.load(tmp_path / "killed" / "model")(**x).logits_per_image
         yb = mmprune.load(tmp_path / "straight" / "model")(**x).logits_per_image
     assert torch.equal(ya, yb)
+
+
+def test_calibrating_passes_cannot_read_the_report_split(write_recipe, registry, tmp_path):
+    from mmprune.passes.base import Pass
+
+    class Peek(Pass):
+        """Reads the test split while fitting (must be refused)."""
+        name = "peek"
+        calibrates = True
+
+        def run(self, ctx):
+            ctx.examples("test")
+
+    registry.passes["peek"] = Peek
+    try:
+        with pytest.raises(MMPruneError, match="sealed"):
+            run_recipe(write_recipe, registry, small_recipe(tmp_path / "run", [{"peek": {}}]))
+    finally:
+        del registry.passes["peek"]

@@ -38,6 +38,9 @@ def plot_trajectory(result: dict[str, Any], path: Path, task: str) -> Path:
     twin.set_ylabel(f"validation quality ({task})", color="tab:purple")
     lines = bottom.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     bottom.legend(lines, [ln.get_label() for ln in lines], loc="lower left", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

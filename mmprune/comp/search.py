@@ -354,3 +354,4 @@ class CompSearch:
             if units:
                 remove_units(self.graph, self.graph.groups[gid], sorted(units))
         self.frozen = {gid: set() for gid in self.graph.groups}
+        self.rt.release_idle()   # towers without token pruning go back to fused attention

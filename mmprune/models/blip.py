@@ -224,6 +224,15 @@ class BlipRetrievalAdapter(_BlipBase):
         itc = (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
         return itc + self._itm_loss(image, batch, sim.detach())
 
+    def distill_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """NLVR: the ITM head's false / true logits; retrieval: each image's ITC logits over the
+        batch's captions."""
+        image = self._vision(batch["pixel_values"])
+        if "labels" in batch:
+            return self._itm(image, batch["input_ids"], batch["attention_mask"])
+        img, txt = self._itc(image, batch)
+        return img @ txt.T / ITC_TEMPERATURE
+
     def _itm_loss(self, image, batch, sim: torch.Tensor) -> torch.Tensor:
         """BLIP's ITM loss: each positive pair plus a hard negative text and a hard negative image,
         sampled in proportion to their contrastive similarity."""

@@ -59,6 +59,8 @@ def _from_pretrained(location: str, registry: Registry, attn: str, what: str):
         raise ModelLoadError(f"{what} '{location}' has no readable config.json: "
                              f"{str(exc).splitlines()[0]}") from None
     cls = adapter_for(config.model_type, registry, getattr(config, "architectures", None))
+    if attn == "sdpa" and not getattr(cls.model_class, "_supports_sdpa", True):
+        attn = "eager"   # BLIP has no SDPA path in transformers; asking for it is an error there
     try:  # safetensors only: a checkpoint that has nothing but pickled weights is refused
         model = cls.model_class.from_pretrained(location, attn_implementation=attn,
                                                 use_safetensors=True).eval()

@@ -39,6 +39,12 @@ class TokenRuntime:
         if rt is None:
             rt = cls(graph, **kwargs)
             rt.install()
+            return rt
+        for spec in graph.adapter.managed_towers():   # towers released earlier come back
+            if spec.tower not in rt.towers:
+                tower = ManagedTower(spec, model, head_reduce=rt.policy()["head_reduce"])
+                tower.install()
+                rt.towers[spec.tower] = tower
         return rt
 
     def install(self) -> None:
@@ -57,6 +63,14 @@ class TokenRuntime:
         if getattr(model, ATTR, None) is self:
             object.__delattr__(model, ATTR)
         self.installed = False
+
+    def release_idle(self) -> None:
+        """Hand towers without token sites back to their own (fused-kernel) forward; uninstall the
+        runtime when no tower is left. Call when masks are gone (after physical removal)."""
+        for name in [n for n, t in self.towers.items() if all(c.site is None for c in t.controls)]:
+            self.towers.pop(name).uninstall()
+        if not self.towers:
+            self.uninstall()
 
     # ---- controls
     def host(self, tower: str) -> ManagedTower | None:

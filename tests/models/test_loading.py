@@ -32,3 +32,13 @@ def test_unknown_model_type_names_supported_ones(registry, tmp_path):
     (tmp_path / "m" / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ModelLoadError, match="no adapter handles model_type 'bert'.*clip"):
         load_model(ModelSpec(path=str(tmp_path / "m")), registry, seed=0)
+
+
+def test_a_family_without_sdpa_loads_with_the_default_spec(registry, tmp_path):
+    """BLIP has no SDPA attention in transformers: the default `sdpa` falls back to eager."""
+    from mmprune.models.blip import BlipRetrievalAdapter
+
+    BlipRetrievalAdapter.tiny_model(0).save_pretrained(tmp_path)
+    adapter, _ = load_model(ModelSpec(path=str(tmp_path)), registry, 0)
+    assert isinstance(adapter, BlipRetrievalAdapter)
+    assert adapter.model.config._attn_implementation == "eager"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from mmprune.passes.finetune import Finetune, FinetuneParams
@@ -45,3 +46,25 @@ def test_finetune_trains_with_tokens_pruned_and_selects_on_validation(ctx):
     assert ctx.state["finetune"][0]["selected_step"] == best["step"]
     changed = any(not torch.equal(before[k], v) for k, v in ctx.model.state_dict().items())
     assert changed
+
+
+def test_distillation_from_the_dense_model(ctx):
+    from mmprune.training import distillation_loss
+    from tests.conftest import clone
+
+    logits = torch.randn(4, 6)
+    assert float(distillation_loss(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(logits, logits.flip(1), 2.0)) > 0
+    loaded = []
+    teacher = clone(ctx.adapter)
+    ctx.load_dense = lambda: loaded.append(1) or teacher
+    Finetune(FinetuneParams(steps=2, batch_size=8, lr=1e-3, kd_weight=1.0, kd_temperature=2.0)).run(ctx)
+    assert loaded == [1]
+    assert not teacher.model.training
+
+
+def test_distillation_without_a_dense_model_is_a_clear_error(ctx):
+    from mmprune.errors import MMPruneError
+
+    with pytest.raises(MMPruneError, match="dense model"):
+        Finetune(FinetuneParams(steps=1, batch_size=8, kd_weight=1.0)).run(ctx)

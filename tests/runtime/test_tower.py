@@ -157,3 +157,22 @@ def test_export_and_load_restore_token_pruning(tmp_path):
     after = bundle.model(**batch).logits_per_image
     assert torch.equal(before, after)
     assert runtime_of(bundle.model).counts()["vision.1.mlp"].max() < 17
+
+
+@torch.no_grad()
+def test_idle_towers_go_back_to_their_own_forward_and_come_back():
+    adapter, graph = _clip()
+    batch = _batch(adapter)
+    dense = adapter.model(**batch).logits_per_image
+    rt = TokenRuntime.attach(graph)
+    rt.set_sites("vision", SiteControl(theta=1.0))
+    rt.release_idle()
+    assert set(rt.towers) == {"vision"}
+    assert "forward" not in vars(adapter.model.text_model.encoder)
+    assert "forward" in vars(adapter.model.vision_model.encoder)
+    again = TokenRuntime.attach(graph)
+    assert again is rt and set(rt.towers) == {"vision", "language"}
+    rt.set_sites("vision", None)
+    rt.release_idle()
+    assert runtime_of(adapter.model) is None
+    assert torch.equal(adapter.model(**batch).logits_per_image, dense)
