@@ -73,7 +73,7 @@ def run_one(family: str, task: str, method: str, ratio: float) -> dict:
 
 def save(rows: list[dict]) -> None:
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    key = lambda r: (r["family"], r["task"], r["method"], r["flops_reduction"])  # noqa: E731
+    key = lambda r: (r["family"], r["task"], r["method"], r["flops_reduction"])
     new = {key(r): r for r in rows}
     merged = [r for r in old if key(r) not in new] + rows
     RESULTS.write_text(json.dumps(sorted(merged, key=key), indent=1) + "\n")

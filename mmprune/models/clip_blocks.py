@@ -17,7 +17,7 @@ class PreNormBlockOps(BlockOps):
 
     def qkv(self, layer, x):
         att, h = layer.self_attn, layer.layer_norm1(x)
-        split = lambda t: t.view(*x.shape[:2], -1, att.head_dim).transpose(1, 2)  # noqa: E731
+        split = lambda t: t.view(*x.shape[:2], -1, att.head_dim).transpose(1, 2)
         return split(att.q_proj(h)), split(att.k_proj(h)), split(att.v_proj(h))
 
     def attention_dropout(self, layer) -> float:

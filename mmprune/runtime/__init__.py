@@ -6,4 +6,4 @@ which describe their towers with the classes here).
 from mmprune.runtime.blocks import BlockOps, ManagedTowerSpec, TokenMarks
 from mmprune.runtime.tower import BlockControl, ManagedTower, SiteControl
 
-__all__ = ["BlockOps", "ManagedTowerSpec", "TokenMarks", "BlockControl", "ManagedTower", "SiteControl"]
+__all__ = ["BlockControl", "BlockOps", "ManagedTower", "ManagedTowerSpec", "SiteControl", "TokenMarks"]

@@ -8,13 +8,16 @@ on what else is in the batch.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as TowerOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPastAndCrossAttentions as TowerOutput,
+)
 
 from mmprune.runtime import tokens as T
 from mmprune.runtime.blocks import ManagedTowerSpec, TokenMarks
@@ -89,9 +92,11 @@ class ManagedTower:
         root = self.model.get_submodule(self.spec.root)
         encoder = self.model.get_submodule(self.spec.encoder)
 
+        signature = inspect.signature(root.forward)
+
         def capture(module, args, kwargs):
-            self._call_kwargs = dict(kwargs)
-            return None
+            # by name, however the tower was called (positional arguments included)
+            self._call_kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
 
         self._handles.append(root.register_forward_pre_hook(capture, with_kwargs=True))
         encoder.forward = self.forward  # instance attribute: the module's __call__ finds it first
@@ -201,7 +206,7 @@ class ManagedTower:
             st, keep = self._merge(st, scores, keep)
             s = F.pad(s, (0, st.x.shape[1] - s.shape[1]))  # the merged token has no score yet
         index, valid = T.compaction(keep)
-        g = lambda t: T.gather_tokens(t, index)  # noqa: E731
+        g = lambda t: T.gather_tokens(t, index)
         new = _State(g(st.x), valid, g(st.protected) & valid, g(st.global_) & valid,
                      g(st.position), st.candidates0,
                      None if st.fused is None else g(st.fused) & valid, st.mass)

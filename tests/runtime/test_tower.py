@@ -101,7 +101,7 @@ def test_analytic_flops_match_the_flop_counter():
 
 @torch.no_grad()
 def test_cit_equals_plain_attention_received_with_all_ones_mask():
-    adapter, graph = _clip()
+    adapter, _ = _clip()
     adapter.model.config.vision_config._attn_implementation = "eager"
     px = adapter.example_inputs(2)["pixel_values"]
     att = adapter.model.vision_model(pixel_values=px, output_attentions=True).attentions[0]
@@ -176,3 +176,15 @@ def test_idle_towers_go_back_to_their_own_forward_and_come_back():
     rt.release_idle()
     assert runtime_of(adapter.model) is None
     assert torch.equal(adapter.model(**batch).logits_per_image, dense)
+
+
+@torch.no_grad()
+def test_towers_called_with_positional_arguments_are_read_by_name():
+    adapter, graph = _clip()
+    batch = _batch(adapter)
+    rt = TokenRuntime.attach(graph)
+    rt.set_sites("language", SiteControl(theta=1.0))
+    by_name = adapter.model.text_model(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"]).pooler_output
+    positional = adapter.model.text_model(batch["input_ids"], batch["attention_mask"]).pooler_output
+    assert torch.equal(by_name, positional)
