@@ -51,6 +51,12 @@ def group_token_counts(ctx: Context, batch: dict[str, torch.Tensor]) -> dict[str
     return counts
 
 
+def headline(ctx: Context, metrics: dict[str, float]) -> float:
+    """The task's headline metric (the first one when the adapter names none)."""
+    name = type(ctx.adapter).headline_metric.get(ctx.task) or next(iter(metrics))
+    return float(metrics[name])
+
+
 def size_bytes(adapter: Adapter) -> int:
     """Bytes of the weights as exported (int8 layers counted as int8)."""
     return sum(t.numel() * t.element_size() for t in quant.state_tensors(adapter.model).values())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -27,6 +27,7 @@ from mmprune.data.batching import collate_rows
 from mmprune.errors import MMPruneError
 from mmprune.graph import remove_units
 from mmprune.graph.units import HeadGroup, UnitGroup
+from mmprune.measure import group_token_counts, headline
 from mmprune.runtime.runtime import TokenRuntime
 from mmprune.runtime.tower import SiteControl
 from mmprune.training import Trainer, batch_stream
@@ -124,33 +125,16 @@ class CompSearch:
         Units fading in the current stage still count (they are not removed until committed).
         `dense` measures the unpruned model: every unit, no token dropping.
         """
-        sites = {name: [c.site for c in t.controls] for name, t in self.rt.towers.items()}
         sizes = {gid: g.total for gid, g in self.graph.groups.items()} if dense else self._sizes()
         per_example, counts = [], []
-        with self.rt.quiet(), _eval_mode(self.ctx.model):
-            try:
-                if dense:
-                    for t in self.rt.towers.values():
-                        for c in t.controls:
-                            c.site = None
-                for batch in batches:
-                    c = self._counts(batch)
-                    per_example.append(self.graph.cost.flops_per_example(c, sizes))
-                    counts.append(c)
-            finally:
-                for name, t in self.rt.towers.items():
-                    for c, site in zip(t.controls, sites[name]):
-                        c.site = site
+        with self.rt.quiet(), _eval_mode(self.ctx.model), \
+                (self.rt.without_sites() if dense else nullcontext()):
+            for batch in batches:
+                c = group_token_counts(self.ctx, batch)
+                per_example.append(self.graph.cost.flops_per_example(c, sizes))
+                counts.append(c)
         merged = {gid: torch.cat([c[gid] for c in counts]) for gid in counts[0]}
         return float(torch.cat(per_example).mean()), merged
-
-    def _counts(self, batch) -> dict[str, torch.Tensor]:
-        per_tower = self.ctx.adapter.tokens_per_example(batch)
-        out = {gid: per_tower[g.tower].double() for gid, g in self.graph.groups.items()
-               if g.tower in per_tower}
-        self.ctx.adapter.forward(batch)
-        out.update(self.rt.counts())
-        return out
 
     @torch.no_grad()
     def quality(self) -> float:
@@ -160,8 +144,7 @@ class CompSearch:
                 losses = [float(self.ctx.adapter.task_loss(b, self.ctx.task)) for b in self.v_sub]
                 return -100.0 * float(np.mean(losses))
             metrics = self.ctx.adapter.evaluate(iter(self.v_sub), self.ctx.task)
-        head = type(self.ctx.adapter).headline_metric.get(self.ctx.task) or next(iter(metrics))
-        return float(metrics[head])
+        return headline(self.ctx, metrics)
 
     # ---- planning
     def _floor(self, group: UnitGroup) -> int:

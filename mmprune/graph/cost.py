@@ -95,9 +95,6 @@ class CostModel:
             self.unit_params[gid] * (g.size if sizes is None else sizes.get(gid, g.size))
             for gid, g in self.groups.items())
 
-    def breakdown(self, tokens: Mapping[str, float] | None = None) -> dict[str, float]:
-        return {name: self.flops(tokens, tower=name) for name in self.towers}
-
 
 def unit_param_count(model, group: UnitGroup) -> int:
     """Parameters removed with one unit of `group`, read off the live modules."""

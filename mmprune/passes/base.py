@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Annotated, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from mmprune.context import Context
@@ -13,6 +13,16 @@ if TYPE_CHECKING:
 INITIAL_FACTS = frozenset({"model", "graph", "data"})
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _not_the_test_split(split: str) -> str:
+    if split == "test":
+        raise ValueError("the test split is for the final report only")
+    return split
+
+
+#: a split a pass fits the model to (trains, calibrates or selects on): anything but test
+FitSplit = Annotated[str, AfterValidator(_not_the_test_split)]
 
 
 class PassParams(BaseModel):

@@ -9,7 +9,7 @@ from mmprune.comp.mps import CANONICAL
 from mmprune.comp.plots import plot_trajectory
 from mmprune.comp.search import CompSearch
 from mmprune.context import Context
-from mmprune.passes.base import Pass, PassParams
+from mmprune.passes.base import FitSplit, Pass, PassParams
 from mmprune.training import Trainer, is_main
 
 Mode = Literal["vision_tokens", "language_tokens", "vision_params", "language_params", "cross_params"]
@@ -61,15 +61,8 @@ class CompParams(PassParams):
     v_sub: int = Field(1000, ge=8, description="Validation examples that price each stage.")
     probe_set: int = Field(256, ge=8, description="Training examples that size each stage's quantum.")
     tol: float = Field(0.005, ge=0.0, description="Stop within this share of the dense FLOPs of the target.")
-    train_split: str = Field("train", description="Split trained on.")
-    val_split: str = Field("validation", description="Split that prices stages (never test).")
-
-    @field_validator("val_split", "train_split")
-    @classmethod
-    def _not_test(cls, v: str) -> str:
-        if v == "test":
-            raise ValueError("the test split is for the final report only")
-        return v
+    train_split: FitSplit = Field("train", description="Split trained on.")
+    val_split: FitSplit = Field("validation", description="Split that prices stages (never test).")
 
     @field_validator("modes")
     @classmethod

@@ -4,13 +4,12 @@ from __future__ import annotations
 import copy
 from itertools import islice
 
-import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from mmprune.context import Context
 from mmprune.errors import MMPruneError
-from mmprune.measure import group_token_counts
-from mmprune.passes.base import Pass, PassParams
+from mmprune.measure import headline, measure
+from mmprune.passes.base import FitSplit, Pass, PassParams
 from mmprune.training import Trainer, batch_stream
 
 
@@ -30,17 +29,10 @@ class FinetuneParams(PassParams):
     max_flops: float | None = Field(None, gt=0.0, description="Largest mean validation FLOPs per "
                                     "example a selected step may have (default: the last comp "
                                     "pass's target plus its tolerance).")
-    train_split: str = Field("train", description="Split trained on.")
-    val_split: str = Field("validation", description="Split that selects the step (never test).")
+    train_split: FitSplit = Field("train", description="Split trained on.")
+    val_split: FitSplit = Field("validation", description="Split that selects the step (never test).")
     val_examples: int | None = Field(None, ge=1, description="Validation examples per evaluation "
                                      "(default: the whole split).")
-
-    @field_validator("val_split", "train_split")
-    @classmethod
-    def _not_test(cls, v: str) -> str:
-        if v == "test":
-            raise ValueError("the test split is for the final report only")
-        return v
 
 
 class Finetune(Pass):
@@ -89,21 +81,10 @@ class Finetune(Pass):
              "flops_limit": limit, "history": history})
 
     @staticmethod
-    @torch.no_grad()
     def _validate(ctx: Context, split: str, max_examples: int | None) -> tuple[float, float]:
-        ctx.model.eval()
-        counts = []
-
-        def counted(batches):
-            for b in batches:
-                counts.append(group_token_counts(ctx, b))
-                yield b
-
-        metrics = ctx.adapter.evaluate(counted(ctx.batches(split, ctx.evaluation.batch_size,
-                                                                  max_examples=max_examples)), ctx.task)
-        head = type(ctx.adapter).headline_metric.get(ctx.task) or next(iter(metrics))
-        flops = float(torch.cat([ctx.graph.cost.flops_per_example(c) for c in counts]).mean())
-        return float(metrics[head]), flops
+        spec = ctx.evaluation.model_copy(update=dict(split=split, max_examples=max_examples))
+        result = measure(ctx, spec, with_latency=False)
+        return headline(ctx, result["metrics"]), result["flops"]
 
 
 def _comp_limit(ctx: Context) -> float | None:

@@ -137,6 +137,20 @@ class TokenRuntime:
         finally:
             self.set_observer(observer)
 
+    @contextmanager
+    def without_sites(self) -> Iterator[None]:
+        """Every token kept inside (the dense model's token counts), sites restored after."""
+        saved = {name: [c.site for c in t.controls] for name, t in self.towers.items()}
+        for t in self.towers.values():
+            for c in t.controls:
+                c.site = None
+        try:
+            yield
+        finally:
+            for name, t in self.towers.items():
+                for c, site in zip(t.controls, saved[name]):
+                    c.site = site
+
     def set_cit(self, head_masked: bool) -> None:
         for t in self.towers.values():
             t.head_masked_scores = head_masked
