@@ -102,3 +102,27 @@ def cli_env(*paths: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), env.get("PYTHONPATH", "")])
     return env
+
+
+def loss_after_steps(adapter, batch: dict, task: str, steps: int = 15, lr: float = 2e-3) -> tuple[float, float]:
+    """(loss before, loss after) `steps` AdamW steps on one batch: a real short training run."""
+    opt = torch.optim.AdamW(adapter.model.parameters(), lr=lr)
+    adapter.model.train()
+    first = float(adapter.task_loss(batch, task))
+    for _ in range(steps):
+        opt.zero_grad()
+        adapter.task_loss(batch, task).backward()
+        opt.step()
+    return first, float(adapter.task_loss(batch, task))
+
+
+def export_test_metrics(model_dir: Path) -> dict[str, float]:
+    """Test metrics of an exported tiny-CLIP run, recomputed from the export alone."""
+    from mmprune.saved import load_bundle
+
+    b = load_bundle(model_dir)
+    data = SyntheticSource(SyntheticParams(task="retrieval", train_size=64, validation_size=32,
+                                           test_size=32), seed=0).load(b.adapter)
+    ctx = Context(b.adapter, b.graph, data, "retrieval", show_progress=False)
+    with torch.inference_mode():
+        return b.adapter.evaluate(ctx.batches("test", 32), "retrieval")

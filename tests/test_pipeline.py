@@ -16,7 +16,7 @@ import mmprune
 from mmprune.errors import MMPruneError, RecipeError
 from mmprune.pipeline import RunDirError, run
 from mmprune.recipe import load_recipe
-from tests.conftest import ROOT, cli_env, make_adapter, small_recipe
+from tests.conftest import ROOT, cli_env, export_test_metrics, make_adapter, small_recipe
 
 PRUNE = [{"score_taylor": {"batches": 2, "batch_size": 8}},
          {"prune_structured": {"target": 0.5}},
@@ -52,16 +52,7 @@ def test_report_follows_the_contract(write_recipe, registry, tmp_path):
 def test_exported_model_reproduces_final_metrics(write_recipe, registry, tmp_path):
     out = tmp_path / "run"
     report = run_recipe(write_recipe, registry, small_recipe(out, PRUNE))
-    from mmprune.context import Context
-    from mmprune.data.synthetic import SyntheticParams, SyntheticSource
-    from mmprune.saved import load_bundle
-    b = load_bundle(out / "model")
-    data = SyntheticSource(SyntheticParams(task="retrieval", train_size=64, validation_size=32,
-                                           test_size=32), seed=0).load(b.adapter)
-    ctx = Context(b.adapter, b.graph, data, "retrieval", show_progress=False)
-    with torch.inference_mode():
-        metrics = b.adapter.evaluate(ctx.batches("test", 32), "retrieval")
-    assert metrics == report["final"]["metrics"]
+    assert export_test_metrics(out / "model") == report["final"]["metrics"]
 
 
 def test_requires_checked_before_any_model_loads(write_recipe, registry, tmp_path):

@@ -44,7 +44,9 @@ def test_flops_match_flop_counter_within_2_percent(pruned, text_len):
 
 def test_tower_breakdown_sums_to_total(adapter):
     g = trace(adapter)
-    assert sum(g.cost.breakdown().values()) == pytest.approx(g.cost.flops())
+    counts = {gid: torch.tensor([g.cost.tokens[grp.tower]]) for gid, grp in g.groups.items()}
+    by_tower = [float(g.cost.flops_per_example(counts, tower=t)[0]) for t in g.towers]
+    assert sum(by_tower) == pytest.approx(g.cost.flops())
 
 
 def test_params_match_live_model_after_pruning(adapter):

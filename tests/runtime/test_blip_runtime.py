@@ -6,10 +6,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmprune.comp.cim import CIPStatistics
-from mmprune.graph import remove_units, trace
+from mmprune.graph import trace
 from mmprune.models.blip import BlipRetrievalAdapter
 from mmprune.runtime import SiteControl
 from mmprune.runtime.runtime import TokenRuntime
+from tests.runtime.helpers import mask_and_slice
 
 
 def _blip(seed=0):
@@ -43,17 +44,9 @@ def test_zero_masks_equal_removal_including_cross_heads():
     batch = _batch(adapter)
     sliced = BlipRetrievalAdapter(copy.deepcopy(adapter.model))
     sgraph = trace(sliced)
-    rt = TokenRuntime.attach(graph)
     drop = {"vision.0.attn": [0, 3], "language.1.attn": [2], "cross.0.attn": [1, 2],
             "cross.1.attn": [0], "language.0.mlp": [4, 5, 6], "vision.1.mlp": list(range(50))}
-    for gid, units in drop.items():
-        mask = torch.ones(graph.groups[gid].size)
-        mask[units] = 0
-        rt.set_mask(gid, mask)
-        remove_units(sgraph, sgraph.groups[gid], units)
-    for tower in ("vision", "language"):
-        rt.set_sites(tower, SiteControl(theta=0.9))
-    TokenRuntime.attach(sgraph).apply_policy(rt.policy())
+    mask_and_slice(graph, sgraph, drop, theta=0.9)
     assert (adapter.forward(batch) - sliced.forward(batch)).abs().max() < 1e-5
 
 

@@ -10,6 +10,7 @@ from mmprune.models.clip import CLIPAdapter
 from mmprune.runtime import SiteControl
 from mmprune.runtime import tokens as T
 from mmprune.runtime.runtime import TokenRuntime, runtime_of
+from tests.runtime.helpers import mask_and_slice
 
 
 def _clip(seed=0, **over):
@@ -48,17 +49,9 @@ def test_zero_masks_equal_physical_removal():
     batch = _batch(adapter)
     sliced_adapter = CLIPAdapter(copy.deepcopy(adapter.model))
     sliced = trace(sliced_adapter)
-    rt = TokenRuntime.attach(graph)
     drop = {"vision.0.attn": [1, 3], "language.1.attn": [0], "vision.1.mlp": list(range(0, 256, 3)),
             "language.0.mlp": [5, 6, 7]}
-    for gid, units in drop.items():
-        mask = torch.ones(graph.groups[gid].size)
-        mask[units] = 0
-        rt.set_mask(gid, mask)
-        remove_units(sliced, sliced.groups[gid], units)
-    for tower in ("vision", "language"):
-        rt.set_sites(tower, SiteControl(theta=0.8))
-    TokenRuntime.attach(sliced).apply_policy(rt.policy())
+    mask_and_slice(graph, sliced, drop, theta=0.8)
     a = adapter.model(**batch)
     b = sliced_adapter.model(**batch)
     assert sliced_adapter.model.vision_model.encoder.layers[0].self_attn.num_heads == 2
