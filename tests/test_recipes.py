@@ -8,6 +8,7 @@ import yaml
 
 from mmprune.pipeline import plan, run
 from mmprune.recipe import load_recipe
+from mmprune.zoo.catalog import CATALOG
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
 SMALL = ("data.train_size=96", "data.validation_size=32", "data.test_size=32",
@@ -23,7 +24,8 @@ SHORT = {"comp": {"k_min": 2, "search_steps": 4, "warmup_steps": 2, "stage_quant
 def _short(path: Path) -> tuple[str, ...]:
     """A tiny model of the recipe's family, and its training passes cut to a few steps."""
     data = yaml.safe_load(path.read_text())
-    family = str(data["model"].get("zoo", "clip")).split("-")[0]
+    zoo = data["model"].get("zoo")
+    family = CATALOG[zoo].family if zoo else "clip"
     return (f"model={{tiny: {family}}}",) + tuple(
         f"passes.{i}.{name}.{k}={v}" for i, p in enumerate(data["passes"]) for name in p
         for k, v in SHORT.get(name, {}).items())
@@ -40,3 +42,11 @@ def test_recipe_runs_on_a_small_stand_in(path, registry, tmp_path):
     recipe = load_recipe(path, registry, SMALL + _short(path) + (f"output={tmp_path / 'run'}",))
     report = run(recipe, registry, show_progress=False, log=lambda m: None)
     assert report["final"]["metrics"] and report["ratios"]["speedup"] > 0
+    export = tmp_path / "run" / "model"
+    if (export / "mmprune.json").exists():
+        # the export alone (structure and token policy) reproduces the reported test metrics
+        again = load_recipe(path, registry, SMALL + (f"model={{path: {export}}}",
+                                                     "passes=[{evaluate: {}}]",
+                                                     f"output={tmp_path / 'again'}"))
+        reloaded = run(again, registry, show_progress=False, log=lambda m: None)
+        assert reloaded["baseline"]["metrics"] == report["final"]["metrics"]

@@ -113,6 +113,20 @@ class Adapter:
         """Towers the token-pruning runtime can run block by block (CoMP, token pruning)."""
         raise self._undescribed("blocks for token pruning")
 
+    def layerwise_blocks(self) -> list[tuple[str, str]]:
+        """(tower, module path) of every transformer block whose Linear weights layer-wise pruning
+        may zero, upstream towers first: by default the blocks of `managed_towers`."""
+        out = []
+        for spec in self.managed_towers():
+            layers = getattr(self.model.get_submodule(spec.encoder), spec.layers)
+            out += [(spec.tower, f"{spec.encoder}.{spec.layers}.{i}") for i in range(len(layers))]
+        return out
+
+    def calibration_forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        """The forward layer-wise calibration runs: it must call every block of
+        `layerwise_blocks` on the batch's real inputs (default: the inference forward)."""
+        return self.forward(batch)
+
     def example_inputs(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

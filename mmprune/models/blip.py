@@ -109,12 +109,47 @@ class _BlipBase(Adapter):
             valid = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
         return states, valid.long()
 
+    # ---- structure: the ViT, the text encoder, its cross-attention as a tower of its own
+    def attention_sites(self) -> list[AttentionSite]:
+        return (blip_blocks.vision_sites(self.model.vision_model, "vision_model")[0]
+                + blip_blocks.text_sites(self.model.text_encoder, "text_encoder")[0])
+
+    def mlp_sites(self) -> list[MLPSite]:
+        return (blip_blocks.vision_sites(self.model.vision_model, "vision_model")[1]
+                + blip_blocks.text_sites(self.model.text_encoder, "text_encoder")[1])
+
+    def towers(self) -> list[TowerSpec]:
+        vcfg, tcfg = self.model.config.vision_config, self.model.config.text_config
+        patches = (vcfg.image_size // vcfg.patch_size) ** 2
+        patch_embed = 2 * patches * vcfg.hidden_size * self._channels() * vcfg.patch_size ** 2
+        return [TowerSpec("vision", vcfg.hidden_size, patch_embed),
+                TowerSpec("language", tcfg.hidden_size, self._head_flops()),
+                TowerSpec("cross", tcfg.hidden_size, 0.0)]
+
+    def _head_flops(self) -> float:
+        """Per-example FLOPs of the task head after the text encoder (not pruned)."""
+        raise NotImplementedError
+
+    def set_num_heads(self, site: AttentionSite, num_heads: int) -> None:
+        if site.fused_qkv:
+            blip_blocks.set_vision_heads(self.module(site.path), num_heads)
+        else:
+            blip_blocks.set_text_heads(self.module(site.path).self, num_heads)
+
+    def managed_towers(self) -> list[ManagedTowerSpec]:
+        return [ManagedTowerSpec("vision", "vision_model", "vision_model.encoder", "layers",
+                                 blip_blocks.BlipVisionBlockOps(), first_token_marks, output="compact"),
+                ManagedTowerSpec("language", "text_encoder", "text_encoder.encoder", "layer",
+                                 blip_blocks.BlipTextBlockOps(), blip_blocks.first_text_token_marks,
+                                 cross_tower="cross")]
+
     def tokens_per_example(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         patch = self.model.config.vision_config.patch_size
         h, w = batch["pixel_values"].shape[-2:]
         b = batch["pixel_values"].shape[0]
         vision = torch.full((b,), (h // patch) * (w // patch) + 1, dtype=torch.float64)
-        return {"vision": vision, "language": batch["attention_mask"].sum(1).double()}
+        language = batch["attention_mask"].sum(1).double()
+        return {"vision": vision, "language": language, "cross": language, "cross_kv": vision}
 
     def example_inputs(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
         spec = self.input_spec()
@@ -155,40 +190,9 @@ class BlipRetrievalAdapter(_BlipBase):
         raise MMPruneError(f"BLIP retrieval model: rows with fields {sorted(first)} are neither "
                            "image-caption (retrieval) nor image-pair-statement (nlvr) rows.")
 
-    # ---- structure (the forward measured is vision + one ITM fusion pass)
-    def attention_sites(self) -> list[AttentionSite]:
-        return (blip_blocks.vision_sites(self.model.vision_model, "vision_model")[0]
-                + blip_blocks.text_sites(self.model.text_encoder, "text_encoder")[0])
-
-    def mlp_sites(self) -> list[MLPSite]:
-        return (blip_blocks.vision_sites(self.model.vision_model, "vision_model")[1]
-                + blip_blocks.text_sites(self.model.text_encoder, "text_encoder")[1])
-
-    def towers(self) -> list[TowerSpec]:
-        vcfg, tcfg = self.model.config.vision_config, self.model.config.text_config
-        patches = (vcfg.image_size // vcfg.patch_size) ** 2
-        patch_embed = 2 * patches * vcfg.hidden_size * self._channels() * vcfg.patch_size ** 2
-        itm = 2 * tcfg.hidden_size * self.model.itm_head.out_features
-        return [TowerSpec("vision", vcfg.hidden_size, patch_embed),
-                TowerSpec("language", tcfg.hidden_size, itm),
-                TowerSpec("cross", tcfg.hidden_size, 0.0)]
-
-    def set_num_heads(self, site: AttentionSite, num_heads: int) -> None:
-        if site.fused_qkv:
-            blip_blocks.set_vision_heads(self.module(site.path), num_heads)
-        else:
-            blip_blocks.set_text_heads(self.module(site.path).self, num_heads)
-
-    def managed_towers(self) -> list[ManagedTowerSpec]:
-        return [ManagedTowerSpec("vision", "vision_model", "vision_model.encoder", "layers",
-                                 blip_blocks.BlipVisionBlockOps(), first_token_marks, output="compact"),
-                ManagedTowerSpec("language", "text_encoder", "text_encoder.encoder", "layer",
-                                 blip_blocks.BlipTextBlockOps(), blip_blocks.first_text_token_marks,
-                                 cross_tower="cross")]
-
-    def tokens_per_example(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = super().tokens_per_example(batch)
-        return {**out, "cross": out["language"], "cross_kv": out["vision"]}
+    def _head_flops(self) -> float:
+        # the measured forward is vision + one ITM fusion pass: the ITM head follows
+        return 2 * self.model.config.text_config.hidden_size * self.model.itm_head.out_features
 
     # ---- heads
     def _text_cls(self, batch, image=None) -> torch.Tensor:
@@ -319,8 +323,53 @@ class BlipVQAAdapter(_BlipBase):
                 "decoder_input_ids": a["input_ids"], "decoder_attention_mask": a["attention_mask"],
                 "labels": labels}
 
+    def example_inputs(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
+        # BlipForQuestionAnswering.forward (what the dependency graph traces) runs the decoder,
+        # and returns something that depends on it, only when given answer labels
+        out = super().example_inputs(batch_size)
+        answer = out["input_ids"][:, :4].clone()
+        return {**out, "decoder_input_ids": answer, "decoder_attention_mask": torch.ones_like(answer),
+                "labels": answer}
+
+    def _head_flops(self) -> float:
+        """The answer decoder (not pruned), greedy with a KV cache for `max_answer_tokens` steps,
+        its cross-attention keys and values computed once over a full-length question: an upper
+        bound, since token counts here are per tower and the decoder has no tower of its own."""
+        cfg = self.model.config.text_config
+        d, inner, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        steps, question = self.max_answer_tokens, self._max_len()
+        per_layer = (2 * question * 2 * d * d                       # cross keys / values, once
+                     + sum(2 * (4 * d * d + 2 * d * d + 2 * d * inner)   # projections and MLP
+                           + 2 * 2 * d * (t + 1 + question)          # self- and cross-attention
+                           for t in range(steps)))
+        head = steps * 2 * (d * d + d * vocab)
+        return float(cfg.num_hidden_layers * per_layer + head)
+
     def task_loss(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-        return self.model(**batch).loss
+        return self._answer(batch).loss
+
+    def layerwise_blocks(self) -> list[tuple[str, str]]:
+        # the answer decoder is pruned layer-wise too (it has no heads or tokens CoMP prunes)
+        layers = self.model.text_decoder.bert.encoder.layer
+        return super().layerwise_blocks() + [("decoder", f"text_decoder.bert.encoder.layer.{i}")
+                                             for i in range(len(layers))]
+
+    def calibration_forward(self, batch: dict[str, torch.Tensor]):
+        """Teacher-forced answers: greedy generation would show the decoder one token at a time."""
+        return self._answer(batch)
+
+    def distill_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The decoder's logits over the answer tokens (teacher-forced), padding zeroed."""
+        logits = self._answer(batch).logits
+        return logits * batch["decoder_attention_mask"][..., None]
+
+    def _answer(self, batch):
+        """Teacher-forced answer decoding, as `BlipForQuestionAnswering.forward` does it, but on
+        the question encoded by `_question` (which masks image tokens that token pruning padded)."""
+        return self.model.text_decoder(
+            input_ids=batch["decoder_input_ids"], attention_mask=batch["decoder_attention_mask"],
+            encoder_hidden_states=self._question(batch), encoder_attention_mask=batch["attention_mask"],
+            labels=batch["labels"], reduction="mean")
 
     def _question(self, batch) -> torch.Tensor:
         states, valid = self._vision(batch["pixel_values"])

@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmprune.graph import remove_units, trace
-from mmprune.models.blip import BlipRetrievalAdapter
+from mmprune.models.blip import BlipRetrievalAdapter, BlipVQAAdapter
 
 REMOVE = {"vision.0.attn": [1, 2], "vision.1.attn": [0], "language.1.attn": [3],
           "cross.0.attn": [0, 2], "vision.1.mlp": list(range(0, 256, 4)), "language.0.mlp": [1, 2, 9]}
@@ -87,3 +87,39 @@ def test_analytic_flops_match_the_flop_counter_dense_and_pruned():
         if step == 0:
             for gid, units in REMOVE.items():
                 remove_units(graph, graph.groups[gid], units)
+
+
+def _vqa_adapter(seed=0):
+    model = BlipVQAAdapter.tiny_model(seed)
+    return BlipVQAAdapter(model, *BlipVQAAdapter.default_processors(model))
+
+
+@torch.no_grad()
+def test_vqa_model_has_the_same_towers_and_removal_is_exact():
+    """BlipForQuestionAnswering: the ViT and question encoder are pruned like the retrieval
+    model's; the answer decoder, which reads the encoder's residual stream only, is untouched."""
+    adapter = _vqa_adapter()
+    graph = trace(adapter)
+    assert {g.tower for g in graph.groups.values()} == {"vision", "language", "cross"}
+    assert not any(g.site.path.startswith("text_decoder") for g in graph.groups.values())
+    batch = adapter.example_inputs(3)
+    reference = BlipVQAAdapter(_zero_masked(adapter, graph))
+    for gid, units in REMOVE.items():
+        remove_units(graph, graph.groups[gid], units)
+    assert graph.cost.params() == sum(p.numel() for p in adapter.model.parameters())
+    got, expected = adapter.distill_logits(batch), reference.distill_logits(batch)
+    assert (got - expected).abs().max() < 1e-5
+    assert torch.equal(adapter.generate(batch), reference.generate(batch))
+
+
+@torch.no_grad()
+def test_vqa_encoder_flops_match_the_flop_counter():
+    adapter = _vqa_adapter()
+    graph = trace(adapter)
+    batch = adapter.example_inputs(1)
+    for gid, units in REMOVE.items():
+        remove_units(graph, graph.groups[gid], units)
+    with FlopCounterMode(display=False) as fc:
+        adapter._question(batch)
+    decoder = graph.cost.towers["language"].extra_flops
+    assert graph.cost.flops() - decoder == pytest.approx(fc.get_total_flops(), rel=0.02)

@@ -90,3 +90,21 @@ def test_retrieval_evaluation_with_tokens_dropped_runs_on_padded_batches():
     batches = [_batch(adapter, 3), adapter.example_inputs(4)]
     m = adapter.evaluate(batches, "retrieval")
     assert 0 <= m["r1_mean"] <= 100
+
+
+@torch.no_grad()
+def test_vqa_keep_all_reproduces_dense_answers_and_logits():
+    from mmprune.models.blip import BlipVQAAdapter
+
+    model = BlipVQAAdapter.tiny_model(0)
+    adapter = BlipVQAAdapter(model, *BlipVQAAdapter.default_processors(model))
+    graph = trace(adapter)
+    batch = _batch(adapter)
+    dense_logits, dense_answers = adapter.distill_logits(batch), adapter.generate(batch)
+    rt = TokenRuntime.attach(graph)
+    rt.set_sites("vision", SiteControl(0.0))
+    rt.set_sites("language", SiteControl(0.0))
+    assert (adapter.distill_logits(batch) - dense_logits).abs().max() < 1e-5
+    assert torch.equal(adapter.generate(batch), dense_answers)
+    rt.set_sites("vision", SiteControl(theta=1.0))      # dropping tokens changes the answer logits
+    assert (adapter.distill_logits(batch) - dense_logits).abs().max() > 1e-4
