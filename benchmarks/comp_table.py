@@ -1,7 +1,7 @@
 """CoMP against its single-mode baselines at several FLOPs reductions (BENCHMARKS.md, CoMP table).
 
     .venv/bin/python benchmarks/comp_table.py --ratios 0.5 0.8 [--methods comp upop tokens sjp]
-                                              [--ablations] [--family clip]
+                                              [--ablations] [--tasks clip:retrieval blip:nlvr]
 
 Every method runs its recipe (recipes/comp_<family>_<task>.yaml, recipes/baselines/*) with
 only the FLOPs target changed, so budgets, data, search schedule and fine-tuning steps are the
@@ -23,7 +23,8 @@ from mmprune.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "comp.json"
-TASKS = {"clip": "retrieval"}
+#: family:task pairs that have a CoMP recipe and baseline recipes
+TASKS = ("clip:retrieval", "blip:nlvr", "blip:vqa")
 
 #: method -> (recipe, overrides besides the target)
 def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
@@ -62,13 +63,16 @@ def run_one(family: str, task: str, method: str, ratio: float) -> dict:
     t0 = time.perf_counter()
     report = run(rec, reg, out=out, overwrite=True, show_progress=False, log=lambda m: None)
     head = report["headline_metric"]
+    cp = report["state"]["comp"][0]["params"]
     return {"family": family, "task": task, "method": method, "flops_reduction": ratio,
             "achieved_flops_reduction": round(report["ratios"]["flops_reduction"], 4),
             "metric": head, "value": round(report["final"]["metrics"][head], 2),
             "dense_value": round(report["baseline"]["metrics"][head], 2),
             "speedup": round(report["ratios"]["speedup"], 3),
             "params_reduction": round(report["ratios"]["params_reduction"], 4),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(time.perf_counter() - t0, 1),
+            # the search schedule, so rows measured under different recipes are not confused
+            "schedule": f"quantum {cp['stage_quantum']}, K {cp['k_min']}, {cp['cost_metric']}"}
 
 
 def save(rows: list[dict]) -> None:
@@ -92,18 +96,20 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--family", default="clip", choices=sorted(TASKS))
+    ap.add_argument("--tasks", nargs="+", default=["clip:retrieval"], choices=TASKS)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.85])
     ap.add_argument("--methods", nargs="+", default=["comp", "upop", "tokens", "sjp"])
     ap.add_argument("--ablations", action="store_true", help="also the ablations, at 0.8 only")
     args = ap.parse_args()
-    task = TASKS[args.family]
-    plan = [(m, r) for r in args.ratios for m in args.methods]
-    if args.ablations:
-        plan += [(m, 0.8) for m in ABLATIONS]
+    plan = []
+    for pair in args.tasks:
+        family, task = pair.split(":")
+        plan += [(family, task, m, r) for r in args.ratios for m in args.methods]
+        if args.ablations:
+            plan += [(family, task, m, 0.8) for m in ABLATIONS]
     rows = []
-    for method, ratio in plan:
-        row = run_one(args.family, task, method, ratio)
+    for family, task, method, ratio in plan:
+        row = run_one(family, task, method, ratio)
         rows.append(row)
         save([row])
         print(table([row]).splitlines()[-1], flush=True)

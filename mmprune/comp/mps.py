@@ -72,9 +72,16 @@ class ModeScheduler:
         self.exhausted.add(mode)
 
     def record(self, mode: str, q_before: float, q_after: float, f_before: float, f_after: float,
-               **log) -> float:
-        """Eqs. (3)-(5) after a stage of `mode`; F as a fraction of dense FLOPs. Returns r."""
-        r = (q_before - q_after) / max(f_before - f_after, self.eps_flops)
+               planned: float = 0.0, **log) -> float:
+        """Eqs. (3)-(5) after a stage of `mode`; F as a fraction of dense FLOPs. Returns r.
+
+        Deviation from Eq. (3): the FLOPs removed are taken as at least half of what the stage
+        `planned`. Removing heads reshapes attention maps, so relative token thresholds can keep
+        more tokens and a stage can remove nothing or even add FLOPs; dividing by ε_F then made a
+        stage whose quality merely recovered look infinitely cheap, and MPS chased that mode.
+        """
+        removed = max(f_before - f_after, 0.5 * planned, self.eps_flops)
+        r = (q_before - q_after) / removed
         if mode in self.cost:
             lam = history_weight(self.stage - self.last[mode], self.lambda0, self.i_max)
             self.cost[mode] = lam * self.cost[mode] + (1 - lam) * r

@@ -50,6 +50,9 @@ class StagePlan:
     units: dict[str, list[int]] = field(default_factory=dict)   # parameter modes
     theta: tuple[float, float] | None = None                     # token modes: (old, new)
     planned_flops: float = 0.0                                   # fraction of dense, on the probe set
+    order: list[tuple[str, int]] = field(default_factory=list)  # parameter units, weakest first
+    nominal: float = 0.0        # parameter plans: the units' own FLOPs at today's token counts
+    cap: float = 1.0                                             # most a parameter stage may remove
     last: bool = False      # the mode cannot remove a whole quantum: this is its last stage
 
     @property
@@ -119,13 +122,15 @@ class CompSearch:
         return {gid: g.size - len(self.frozen[gid]) for gid, g in self.graph.groups.items()}
 
     @torch.no_grad()
-    def measure_flops(self, batches, dense: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+    def measure_flops(self, batches, dense: bool = False,
+                      sizes: dict[str, int] | None = None) -> tuple[float, dict[str, torch.Tensor]]:
         """Mean per-example FLOPs over `batches`, and the per-group token counts behind it.
 
         Units fading in the current stage still count (they are not removed until committed).
         `dense` measures the unpruned model: every unit, no token dropping.
         """
-        sizes = {gid: g.total for gid, g in self.graph.groups.items()} if dense else self._sizes()
+        if sizes is None:
+            sizes = {gid: g.total for gid, g in self.graph.groups.items()} if dense else self._sizes()
         per_example, counts = [], []
         with self.rt.quiet(), _eval_mode(self.ctx.model), \
                 (self.rt.without_sites() if dense else nullcontext()):
@@ -157,7 +162,8 @@ class CompSearch:
         tokens = {**self.graph.cost.tokens, group.tower: n if n is not None else self.graph.cost.tokens[group.tower]}
         return float(torch.as_tensor(self.graph.cost.group_flops(group, 1, tokens)).mean())
 
-    def plan_params(self, mode: str, quantum: float, counts: dict[str, torch.Tensor], f0: float) -> StagePlan:
+    def plan_params(self, mode: str, quantum: float, counts: dict[str, torch.Tensor], f_now: float,
+                    f0: float) -> StagePlan:
         tower = PARAM_TOWERS[mode]
         scores = self.scores
         ranked = []
@@ -179,17 +185,58 @@ class CompSearch:
             ranked += [(v, gid, i) for v, (_, gid, i) in zip(vals, pool)]
         ranked.sort(key=lambda r: (r[0], r[1], r[2]))
         left = {gid: g.size - len(self.frozen[gid]) - self._floor(g) for gid, g in self.graph.groups.items()}
-        plan, removed = StagePlan(mode), 0.0
+        unit = {gid: self._unit_flops(self.graph.groups[gid], counts) / f0 for gid in left}
+        prunable = sum(unit[gid] * max(left[gid], 0) for gid, g in self.graph.groups.items()
+                       if g.tower == tower)
+        # one stage never takes most of what a tower has left: the cost of the next cut is
+        # measured before it is made (a 5% quantum can be most of a token-pruned text tower)
+        cap = min(quantum, self.p.max_stage_share * prunable)
+        plan, removed = StagePlan(mode, cap=cap), 0.0
         for _, gid, i in ranked:
-            if removed >= quantum:
+            if removed >= cap:
                 break
             if left[gid] <= 0:
                 continue
             left[gid] -= 1
+            plan.order.append((gid, i))
+            removed += unit[gid]
+        plan.last = removed < quantum and cap >= quantum
+        plan = self._fit_to_tokens(plan, cap, f_now, f0)
+        plan.nominal = sum(unit[gid] for gid, _ in plan.order)
+        return plan
+
+    def _fit_to_tokens(self, plan: StagePlan, cap: float, f_now: float, f0: float) -> StagePlan:
+        """Shorten a parameter plan whose units, once masked, make the token sites drop more
+        tokens than before: the removal is measured on the probe set with the units at zero, and
+        the longest prefix of the ranked units that stays within the cap (+5%) is kept."""
+        def removal(n: int) -> float:
+            trial = StagePlan(plan.mode)
+            for gid, i in plan.order[:n]:
+                trial.units.setdefault(gid, []).append(i)
+            self._apply(trial, 1.0)
+            sizes = self._sizes()
+            for gid, units in trial.units.items():
+                sizes[gid] -= len(units)
+            f = self.measure_flops(self.probe, sizes=sizes)[0]
+            self._apply(StagePlan(plan.mode), 0.0)     # back to the frozen units only
+            return (f_now - f) / f0
+
+        n, r = len(plan.order), removal(len(plan.order))
+        if n > 1 and r > 1.05 * cap:
+            lo, hi, r_lo = 0, n, 0.0       # removal(lo) ≤ 1.05·cap < removal(hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                r_mid = removal(mid)
+                if r_mid <= 1.05 * cap:
+                    lo, r_lo = mid, r_mid
+                else:
+                    hi = mid
+            n, r = max(lo, 1), (r_lo if lo else removal(1))
+            plan.last = False
+        for gid, i in plan.order[:n]:
             plan.units.setdefault(gid, []).append(i)
-            removed += self._unit_flops(self.graph.groups[gid], counts) / f0
-        plan.planned_flops = removed
-        plan.last = removed < quantum
+        plan.order = plan.order[:n]
+        plan.planned_flops = r
         return plan
 
     def plan_tokens(self, mode: str, quantum: float, f_now: float, f0: float,
@@ -269,6 +316,7 @@ class CompSearch:
                  f"K = {k} steps per stage, modes {', '.join(self.modes)}")
         for batch in ctx.progress(islice(stream, warmup), "comp warm-up", total=warmup):
             trainer.step(batch)
+        steps_done = warmup
         self._close_window()
         q_cur = self.quality()   # after warm-up, so the first stage is not credited with it
         self.trajectory.append({"stage": 0, "mode": None, "quality": q_cur, "flops": f_cur})
@@ -285,14 +333,18 @@ class CompSearch:
             if mode in TOKEN_TOWERS:
                 plan = self.plan_tokens(mode, quantum, f_probe_now, f0_probe, counts)
             else:
-                plan = self.plan_params(mode, quantum, counts, f0_probe)
+                plan = self.plan_params(mode, quantum, counts, f_probe_now, f0_probe)
             if plan.empty:
                 self.scheduler.exhaust(mode)
                 self.log(f"comp: mode {mode} is exhausted")
                 continue
+            # stages smaller than the quantum (capped, or the last) can outrun the estimate:
+            # stretch the schedule rather than train the extra stages at zero learning rate
+            trainer.total = max(trainer.total, steps_done + k)
             for step in range(1, k + 1):
                 self._apply(plan, step / k)
                 trainer.step(next(stream))
+            steps_done += k
             self._commit(plan)
             self._close_window()
             if plan.last:
@@ -300,12 +352,14 @@ class CompSearch:
             q_new = self.quality()
             f_new = self.measure_flops(self.v_sub)[0] / f0
             r = self.scheduler.record(mode, q_cur, q_new, f_cur, f_new, why=why,
-                                      planned=plan.planned_flops,
+                                      planned=max(plan.planned_flops, plan.nominal),
                                       theta={t: self.rt.theta(t) for t in self.rt.towers})
             self.trajectory.append({"stage": self.scheduler.stage, "mode": mode, "why": why,
                                     "quality": q_new, "flops": f_new, "r": r,
                                     "removed": f_cur - f_new, "planned": plan.planned_flops,
-                                    "quantum": quantum, "last": plan.last,
+                                    "nominal": plan.nominal,
+                                    "quantum": quantum, "cap": min(quantum, plan.cap),
+                                    "last": plan.last,
                                     "theta": {t: self.rt.theta(t) for t in self.rt.towers},
                                     "units": {gid: len(v) for gid, v in plan.units.items()}})
             self.log(f"comp stage {self.scheduler.stage}: {mode} ({why}) FLOPs {f_cur:.3f} → "

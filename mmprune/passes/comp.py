@@ -51,6 +51,10 @@ class CompParams(PassParams):
                                                       "per tower (default: every block).")
     min_heads_per_module: int = Field(1, ge=1, description="Heads every attention module keeps.")
     min_ffn_frac: float = Field(0.02, gt=0.0, le=1.0, description="Share of MLP channels kept at least.")
+    max_stage_share: float = Field(0.34, gt=0.0, le=1.0, description="Share of a parameter "
+                                   "mode's remaining prunable FLOPs one stage may remove: a small "
+                                   "tower is cut over several stages, so each is priced before the "
+                                   "next (1: no cap).")
     min_token_frac: float = Field(0.05, ge=0.0, le=1.0, description="Share of a site's candidate "
                                   "tokens always kept.")
     score_norm: Literal["zscore_per_kind", "none"] = Field("zscore_per_kind", description="How head "

@@ -111,3 +111,14 @@ def test_retired_mode_is_not_chosen_again_and_keeps_its_stage():
     s.record(mode, 1, 1, 1, 0.98)
     s.retire(mode)
     assert s.stage == 1 and mode not in s.active
+
+
+def test_a_stage_that_removed_nothing_is_priced_by_what_it_planned():
+    """Head removal can make token sites keep more tokens, so a stage may add FLOPs: its cost is
+    then quality change over half the planned removal, not over ε (which made it look free)."""
+    s = ModeScheduler(["vision_params"], seed=0)
+    s.choose()
+    r = s.record("vision_params", -220.0, -214.0, 0.424, 0.426, planned=0.02)
+    assert r == pytest.approx(-6.0 / 0.01)
+    s.choose()
+    assert s.record("vision_params", 10.0, 9.0, 0.5, 0.48, planned=0.02) == pytest.approx(1 / 0.02)
