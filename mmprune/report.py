@@ -55,6 +55,7 @@ def to_markdown(report: dict) -> str:
             lat = f"{e['latency_ms']:.2f} ms" if e.get("latency_ms") else "-"
             lines.append(f"| {e['label']} | {e['split']} | {metrics} | {_fmt(e['flops'])} | {lat} |")
     lines += _comp_section(report.get("state", {}))
+    lines += _sparsity_section(report.get("state", {}), r["speedup"])
     lines += ["", "## Kept structure", "", "| group | kept / total |", "|---|---:|"]
     for gid, g in report["structure"].items():
         lines.append(f"| {gid} ({g['kind']}s) | {len(g['kept'])} / {g['total']} |")
@@ -83,6 +84,27 @@ def _comp_section(state: dict) -> list[str]:
         lines += ["", f"Fine-tuning: {f['steps']} steps; selected step {f['selected_step']} "
                   "(best validation within the FLOPs target): "
                   + ", ".join(f"{h['step']}: {h['quality']:.2f}" for h in f["history"]) + "."]
+    return lines
+
+
+def _sparsity_section(state: dict, speedup: float) -> list[str]:
+    """Zeroed weights (layer-wise pruning) and what they do and do not buy on this hardware."""
+    s = state.get("sparsity")
+    if not s:
+        return []
+    lines = ["", "## Sparsity", "",
+             f"Allocator `{s['allocator']}`: {s['prunable_sparsity'] * 100:.1f}% of the "
+             f"{_fmt(s['prunable_params'])} weights inside the transformer blocks are zero "
+             f"({s['total_sparsity'] * 100:.1f}% of all parameters). Per tower: "
+             + ", ".join(f"{t} {v * 100:.1f}%" for t, v in s["towers"].items()) + ".",
+             "", f"Zeroed weights keep their dense shapes: the parameter count, FLOPs and size "
+             "above are the dense ones, and dense kernels do the same work on zeros, so the "
+             f"measured speedup ({speedup:.2f}×) is what unstructured sparsity buys on this "
+             "machine: nothing but noise. N:M sparsity needs semi-structured kernels (2:4 on "
+             "recent GPUs) to run faster."]
+    if len(set(s["blocks"].values())) > 1:
+        lines += ["", "| block | sparsity |", "|---|---:|"]
+        lines += [f"| {b} | {v * 100:.1f}% |" for b, v in s["blocks"].items()]
     return lines
 
 

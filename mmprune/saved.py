@@ -24,9 +24,11 @@ from mmprune.graph import ModelGraph, keep_units, trace
 from mmprune.models.base import Adapter
 from mmprune.models.processors import load_processors, save_processors
 from mmprune.runtime.runtime import TokenRuntime, runtime_of
+from mmprune.sparsity import masks as sparse
 
 SPEC_FILE = "mmprune.json"
 WEIGHTS_FILE = "model.safetensors"
+MASKS_FILE = "sparsity_masks.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -69,6 +71,13 @@ def save(directory: str | Path, adapter: Adapter, graph: ModelGraph,
         "token_policy": token_policy,
         "quantization": {"scheme": quant.SCHEME, "modules": qnames} if qnames else None,
     }
+    # sparsity masks of weights still stored as float (a quantized module packs its own)
+    floats = dict(model.named_parameters())
+    masks = {k: m for k, m in sparse.masks_of(model).items() if k in floats}
+    if masks:
+        save_file(sparse.pack(masks), str(directory / MASKS_FILE), metadata={"format": "pt"})
+        spec["sparsity"] = {"masks_file": MASKS_FILE, **sparse.summary(masks),
+                            "shapes": {k: list(m.shape) for k, m in masks.items()}}
     model.config.save_pretrained(directory)
     save_processors(adapter, directory)
     save_file(quant.state_tensors(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -125,8 +134,26 @@ def load_bundle(directory: str | Path, registry=None) -> Bundle:
         quant.load_state_tensors(model, load_file(str(directory / WEIGHTS_FILE)), qnames)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"{directory / WEIGHTS_FILE} does not match {SPEC_FILE}: {exc}") from None
+    if spec.get("sparsity"):
+        _restore_masks(directory, model, spec["sparsity"])
     model.eval()
     return Bundle(adapter, graph, spec)
+
+
+def _restore_masks(directory: Path, model: nn.Module, info: dict) -> None:
+    """Reattach the saved sparsity masks, after checking the weights are zero where they say."""
+    try:
+        masks = sparse.unpack(load_file(str(directory / info["masks_file"])), info["shapes"])
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{directory / MASKS_FILE}: cannot read the sparsity masks ({exc}).") from None
+    params = dict(model.named_parameters())
+    for name, m in masks.items():
+        if name not in params or params[name].shape != m.shape:
+            raise ModelLoadError(f"{directory / MASKS_FILE}: mask '{name}' does not fit the model.")
+        if bool((params[name].detach()[~m] != 0).any()):
+            raise ModelLoadError(f"{directory / MASKS_FILE}: weight '{name}' is non-zero where its "
+                                 "mask says it was pruned; the weights and masks do not belong together.")
+    sparse.attach_masks(model, masks)
 
 
 def load(directory: str | Path) -> nn.Module:

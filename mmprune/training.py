@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from mmprune.context import Context
 from mmprune.data.batching import collate_rows
 from mmprune.models.base import Adapter
+from mmprune.sparsity.masks import apply_masks
 
 
 def world() -> tuple[int, int]:
@@ -109,6 +110,7 @@ class Trainer:
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.opt.step()
+        apply_masks(model)      # sparsity from layer-wise pruning survives fine-tuning
         self.sched.step()
         self.step_count += 1
         return float(loss.detach())

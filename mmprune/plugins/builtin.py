@@ -9,12 +9,14 @@ def mmprune_passes() -> list[type]:
     from mmprune.passes.comp import Comp
     from mmprune.passes.evaluate import Evaluate
     from mmprune.passes.finetune import Finetune
+    from mmprune.passes.layerwise import PruneLayerwise
     from mmprune.passes.export import Export
     from mmprune.passes.quantize import Quantize
     from mmprune.passes.scoring import ScoreMagnitude, ScoreTaylor
     from mmprune.passes.structured import PruneStructured
 
-    return [ScoreMagnitude, ScoreTaylor, PruneStructured, Comp, Finetune, Quantize, Evaluate, Export]
+    return [ScoreMagnitude, ScoreTaylor, PruneStructured, PruneLayerwise, Comp, Finetune, Quantize,
+            Evaluate, Export]
 
 
 @hookimpl
