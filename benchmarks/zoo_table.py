@@ -61,8 +61,13 @@ def main(names: list[str]) -> None:
         for task in [manifest["task"], *ALSO.get(name, [])]:
             rows.append(measure_row(name, task, adapter, manifest))
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "zoo.json").write_text(json.dumps(
-        {"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, indent=2))
+    out = HERE / "results" / "zoo.json"
+    # rows of models not measured this time are kept (a run for one model replaces only its rows)
+    measured = {(r["name"], r["task"]) for r in rows}
+    kept = [r for r in json.loads(out.read_text())["rows"] if (r["name"], r["task"]) not in measured] \
+        if out.exists() and names else []
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
+                               "rows": kept + rows}, indent=2))
     print("| model | task | test metrics | params | FLOPs / example | latency (batch 32) | train time |")
     print("|---|---|---|---:|---:|---:|---:|")
     for x in rows:

@@ -91,12 +91,18 @@ def _vqa(size: int):
 
 
 def _nlvr(size: int):
+    # Labels are balanced per statement text: "exactly seven objects in total" is almost always
+    # false and "the left image shows a red circle" mostly true, so with global balancing alone
+    # a model that never looked at the images scored 74%.
+    seen: dict[str, list[int]] = {}
+
     def make(rng):
         left, right = sample_scene(rng), sample_scene(rng)
         text, truth = language.statement(left, right, rng)
-        # balance labels: keep false statements only half the time when they dominate
-        if not truth and rng.random() < 0.35:
+        counts = seen.setdefault(text, [0, 0])
+        if counts[int(truth)] > counts[1 - int(truth)]:
             return None
+        counts[int(truth)] += 1
         return (signature(left) + "/" + signature(right) + "#" + text,
                 {"image_left": render(left, size), "image_right": render(right, size),
                  "statement": text, "label": int(truth)})
