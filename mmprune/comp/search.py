@@ -213,25 +213,28 @@ class CompSearch:
             trial = StagePlan(plan.mode)
             for gid, i in plan.order[:n]:
                 trial.units.setdefault(gid, []).append(i)
-            self._apply(trial, 1.0)
             sizes = self._sizes()
             for gid, units in trial.units.items():
                 sizes[gid] -= len(units)
-            f = self.measure_flops(self.probe, sizes=sizes)[0]
-            self._apply(StagePlan(plan.mode), 0.0)     # back to the frozen units only
+            try:
+                self._apply(trial, 1.0)
+                f = self.measure_flops(self.probe, sizes=sizes)[0]
+            finally:
+                self._apply(StagePlan(plan.mode), 0.0)     # back to the frozen units only
             return (f_now - f) / f0
 
-        n, r = len(plan.order), removal(len(plan.order))
+        n = len(plan.order)
+        r = removal(n) if n else 0.0
         if n > 1 and r > 1.05 * cap:
-            lo, hi, r_lo = 0, n, 0.0       # removal(lo) ≤ 1.05·cap < removal(hi)
+            lo, hi, r_lo, r_hi = 0, n, 0.0, r      # removal(lo) ≤ 1.05·cap < removal(hi)
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 r_mid = removal(mid)
                 if r_mid <= 1.05 * cap:
                     lo, r_lo = mid, r_mid
                 else:
-                    hi = mid
-            n, r = max(lo, 1), (r_lo if lo else removal(1))
+                    hi, r_hi = mid, r_mid
+            n, r = (lo, r_lo) if lo else (1, r_hi)   # hi is 1 when even one unit overshoots
             plan.last = False
         for gid, i in plan.order[:n]:
             plan.units.setdefault(gid, []).append(i)

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from mmprune.context import Context
 from mmprune.errors import MMPruneError
 from mmprune.passes.base import FitSplit, Pass, PassParams
-from mmprune.sparsity import allocate, parse_pattern
+from mmprune.sparsity import allocate
 from mmprune.sparsity.masks import attach_masks
 from mmprune.sparsity.scores import (
     block_jvp_scores,
@@ -73,27 +73,48 @@ class LayerwiseParams(PassParams):
     @classmethod
     def _pattern(cls, v: str) -> str:
         if v != "unstructured":
-            parse_pattern(v, _nm_ratio(v))   # raises on a malformed pattern
+            nm_ratio(v)   # raises on a malformed pattern
+        return v
+
+    @field_validator("towers")
+    @classmethod
+    def _some_tower(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("name at least one tower, or 'all'")
         return v
 
     @model_validator(mode="after")
-    def _pattern_matches_target(self):
+    def _consistent(self):
         if (self.allocator == "from_file") != (self.sparsity_from is not None):
             raise ValueError("sparsity_from goes with allocator: from_file, and from_file needs it")
         if self.pattern != "unstructured" and self.allocator != "uniform":
             raise ValueError(f"pattern {self.pattern} fixes every block's sparsity at N/M; use "
                              "allocator: uniform with it (or pattern: unstructured)")
-        if self.pattern != "unstructured" and abs(_nm_ratio(self.pattern) - self.target) > 1e-9:
-            raise ValueError(f"pattern {self.pattern} zeroes {_nm_ratio(self.pattern):g} of the "
+        if self.pattern != "unstructured" and abs(nm_ratio(self.pattern) - self.target) > 1e-9:
+            raise ValueError(f"pattern {self.pattern} zeroes {nm_ratio(self.pattern):g} of the "
                              f"weights, but target is {self.target:g}; set target to match")
+        if self.max_sparsity is not None:
+            if self.allocator not in ("ecoflap_zo", "ecoflap_fast", "ecoflap_fo"):
+                raise ValueError(f"max_sparsity caps the ECoFLaP allocators; allocator "
+                                 f"'{self.allocator}' does not use it")
+            if self.max_sparsity < self.target:
+                raise ValueError(f"max_sparsity ({self.max_sparsity:g}) is below the target "
+                                 f"({self.target:g}): no allocation can meet the budget")
+        if self.allocator in ("ecoflap_zo", "ecoflap_fast", "ecoflap_fo") and \
+                self.allocation_samples < self.allocation_batch_size:
+            raise ValueError(f"allocation_samples ({self.allocation_samples}) is smaller than one "
+                             f"batch (allocation_batch_size {self.allocation_batch_size})")
         return self
 
 
-def _nm_ratio(pattern: str) -> float:
+def nm_ratio(pattern: str) -> float:
+    """N/M of an 'N:M' pattern string (0 < N < M)."""
     try:
         n, m = (int(x) for x in pattern.split(":"))
     except ValueError:
         raise ValueError(f"pattern must be 'unstructured' or 'N:M' like '2:4', got {pattern!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"N:M pattern needs 0 < N < M, got {pattern!r}")
     return n / m
 
 

@@ -17,10 +17,10 @@ Groups = Mapping[str, Sequence[str]]      # group name -> parameter names
 
 
 def _direction(param: torch.Tensor, seed: int, name: str, batch: int, k: int) -> torch.Tensor:
-    """z ~ N(0, I) shaped like `param`, seeded by (run seed, parameter, batch, direction), so every
-    probe is reproducible and independent of the order probes run in."""
+    """z ~ N(0, I) in fp32 on the parameter's device, seeded by (run seed, parameter, batch,
+    direction), so every probe is reproducible and independent of the order probes run in."""
     g = torch.Generator().manual_seed(hash((seed, zlib.crc32(name.encode()), batch, k)) % (2 ** 63))
-    return torch.randn(param.shape, generator=g, dtype=torch.float32).to(param.dtype)
+    return torch.randn(param.shape, generator=g, dtype=torch.float32).to(param.device)
 
 
 @torch.no_grad()
@@ -42,15 +42,18 @@ def zeroth_order_scores(model: nn.Module, groups: Groups, loss: Callable[[dict],
             for name in names:
                 p = params[name]
                 saved = p.detach().clone()
-                for b, batch in enumerate(batches):
-                    for k in range(directions):
-                        z = _direction(p, seed, name, b, k)
-                        p.copy_(saved + eps * z)
-                        up = float(loss(batch))
-                        p.copy_(saved - eps * z)
-                        down = float(loss(batch))
-                        p.copy_(saved)
-                        total += abs(up - down) / (2 * eps)
+                exact = saved.float()          # P ± εz from fp32, then cast (spec §3.1)
+                try:
+                    for b, batch in enumerate(batches):
+                        for k in range(directions):
+                            z = _direction(p, seed, name, b, k)
+                            p.copy_((exact + eps * z).to(p.dtype))
+                            up = float(loss(batch))
+                            p.copy_((exact - eps * z).to(p.dtype))
+                            down = float(loss(batch))
+                            total += abs(up - down) / (2 * eps)
+                finally:
+                    p.copy_(saved)             # bit-exact, whatever happened
             scores[group] = total
     finally:
         model.train(was_training)
@@ -167,7 +170,7 @@ def directional_derivative(model: nn.Module, loss: Callable[[dict], torch.Tensor
     # no_grad: forward-mode AD still runs, but no backward graph is recorded for the other
     # parameters (memory stays that of a forward, as the zeroth-order allocator promises)
     with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
-        _, d = jvp(f, primals, tuple(tangents))
+        _, d = jvp(f, primals, tuple(t.to(p.dtype) for t, p in zip(tangents, primals)))
     return float(d.detach())
 
 
@@ -196,7 +199,9 @@ def block_jvp_scores(model: nn.Module, groups: Groups, loss: Callable[[dict], to
                         try:
                             total += abs(directional_derivative(model, loss, batch, names, z))
                             continue
-                        except (RuntimeError, NotImplementedError):
+                        except (RuntimeError, NotImplementedError) as e:
+                            if "forward AD" not in str(e) and "forward-mode" not in str(e):
+                                raise          # a real failure, not a missing forward rule
                             method = "finite_difference"
                     total += abs(_finite_difference(model, loss, batch, names, z))
             scores[group] = total
@@ -213,7 +218,7 @@ def _finite_difference(model, loss, batch, names, z, eps: float = 1e-3) -> float
     params = dict(model.named_parameters())
 
     def at(sign: float) -> float:
-        values = {f"model.{n}": params[n].detach().float() + sign * eps * d.float()
+        values = {f"model.{n}": (params[n].detach().float() + sign * eps * d.float()).to(params[n].dtype)
                   for n, d in zip(names, z)}
         return float(functional_call(wrapper, values, (batch,)))
 

@@ -52,11 +52,20 @@ def test_bad_settings_are_clear_errors(write_recipe, registry, tmp_path):
         _run(write_recipe, registry, tmp_path / "b", {"towers": ["cross"]})
     with pytest.raises(RecipeError, match="test split"):
         _run(write_recipe, registry, tmp_path / "c", {"split": "test"})
+    with pytest.raises(RecipeError, match="0 < N < M"):
+        _run(write_recipe, registry, tmp_path / "d", {"target": 0.5, "pattern": "2:0"})
+    with pytest.raises(RecipeError, match="below the target"):
+        _run(write_recipe, registry, tmp_path / "e", {"target": 0.5, "allocator": "ecoflap_fo",
+                                                      "max_sparsity": 0.4})
+    with pytest.raises(RecipeError, match="does not use it"):
+        _run(write_recipe, registry, tmp_path / "f", {"max_sparsity": 0.7})
+    with pytest.raises(RecipeError, match="at least one tower"):
+        _run(write_recipe, registry, tmp_path / "g", {"towers": []})
 
 
 @pytest.mark.parametrize("allocator", ["ecoflap_zo", "ecoflap_fast", "ecoflap_fo"])
-def test_ecoflap_allocation_meets_the_budget_with_unequal_blocks(write_recipe, registry, tmp_path,
-                                                                 allocator):
+def test_ecoflap_allocation_is_not_uniform_and_meets_the_budget(write_recipe, registry, tmp_path,
+                                                                allocator):
     out = tmp_path / "run"
     report = _run(write_recipe, registry, out, {"target": 0.5, "allocator": allocator,
                                                  "allocation_samples": 16, "criterion": "magnitude"})
@@ -67,6 +76,8 @@ def test_ecoflap_allocation_meets_the_budget_with_unequal_blocks(write_recipe, r
     assert s["prunable_sparsity"] == pytest.approx(0.5, abs=0.01)    # one exact budget
     assert json.loads((out / "sparsity.json").read_text()) == ratios
     assert all(v > 0 for v in report["state"]["block_scores"].values())
+    if allocator == "ecoflap_fast":     # forward-mode AD ran; no silent fallback
+        assert report["state"]["block_score_estimator"] == "jvp"
 
 
 def test_zeroth_order_scores_restore_every_weight_exactly():
