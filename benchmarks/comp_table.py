@@ -13,9 +13,10 @@ method, ratio; a rerun replaces its rows) and a markdown table is printed.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+
+from results_file import merge_rows
 
 from mmprune.pipeline import run
 from mmprune.plugins.manager import get_registry
@@ -76,11 +77,7 @@ def run_one(family: str, task: str, method: str, ratio: float) -> dict:
 
 
 def save(rows: list[dict]) -> None:
-    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    key = lambda r: (r["family"], r["task"], r["method"], r["flops_reduction"])
-    new = {key(r): r for r in rows}
-    merged = [r for r in old if key(r) not in new] + rows
-    RESULTS.write_text(json.dumps(sorted(merged, key=key), indent=1) + "\n")
+    merge_rows(RESULTS, rows, ("family", "task", "method", "flops_reduction"))
 
 
 def table(rows: list[dict]) -> str:

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from results_file import merge_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ecoflap.json"
 #: family:task -> (recipe, zoo model)
@@ -81,11 +83,7 @@ def agreement(pair: str, sparsity: float) -> float | None:
 
 
 def save(rows: list[dict]) -> None:
-    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    key = lambda r: (r["family"], r["task"], r["method"], r["sparsity"])
-    new = {key(r): r for r in rows}
-    merged = [r for r in old if key(r) not in new] + rows
-    RESULTS.write_text(json.dumps(sorted(merged, key=key), indent=1) + "\n")
+    merge_rows(RESULTS, rows, ("family", "task", "method", "sparsity"))
 
 
 def table(rows: list[dict]) -> str:

@@ -10,8 +10,8 @@ MPS can price the mode. When the target is reached, faded units are removed phys
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -25,6 +25,7 @@ from mmprune.comp.mps import CANONICAL, ModeScheduler
 from mmprune.context import Context
 from mmprune.data.batching import collate_rows
 from mmprune.errors import MMPruneError
+from mmprune.eval_mode import eval_mode
 from mmprune.graph import remove_units
 from mmprune.graph.units import HeadGroup, UnitGroup
 from mmprune.measure import group_token_counts, headline
@@ -58,16 +59,6 @@ class StagePlan:
     @property
     def empty(self) -> bool:
         return not self.units and (self.theta is None or self.theta[1] <= self.theta[0])
-
-
-@contextmanager
-def _eval_mode(model) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
 
 
 class CompSearch:
@@ -132,7 +123,7 @@ class CompSearch:
         if sizes is None:
             sizes = {gid: g.total for gid, g in self.graph.groups.items()} if dense else self._sizes()
         per_example, counts = [], []
-        with self.rt.quiet(), _eval_mode(self.ctx.model), \
+        with self.rt.quiet(), eval_mode(self.ctx.model), \
                 (self.rt.without_sites() if dense else nullcontext()):
             for batch in batches:
                 c = group_token_counts(self.ctx, batch)
@@ -144,7 +135,7 @@ class CompSearch:
     @torch.no_grad()
     def quality(self) -> float:
         """Q on the validation subset: the headline metric, or −100 × validation loss."""
-        with self.rt.quiet(), _eval_mode(self.ctx.model):
+        with self.rt.quiet(), eval_mode(self.ctx.model):
             if self.p.cost_metric == "val_loss":
                 losses = [float(self.ctx.adapter.task_loss(b, self.ctx.task)) for b in self.v_sub]
                 return -100.0 * float(np.mean(losses))

@@ -9,6 +9,7 @@ import networkx as nx
 import torch
 import torch_pruning as tp
 
+from mmprune.eval_mode import eval_mode
 from mmprune.graph.cost import CostModel, unit_param_count
 from mmprune.graph.units import ChannelGroup, HeadGroup, TokenSite, UnitGroup
 from mmprune.models.base import Adapter
@@ -83,14 +84,11 @@ class ModelGraph:
     def dependency_graph(self) -> tp.DependencyGraph:
         if self._dg is None:
             model = self.adapter.model
-            was_training = model.training
-            model.eval()
-            with torch.enable_grad(), warnings.catch_warnings():
+            with eval_mode(model), torch.enable_grad(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Unwrapped parameters")
                 self._dg = tp.DependencyGraph().build_dependency(
                     model, example_inputs=self.adapter.example_inputs(),
                     output_transform=lambda out: sum(t.sum() for t in _tensor_leaves(out)))
-            model.train(was_training)
         return self._dg
 
 

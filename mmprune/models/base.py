@@ -122,6 +122,13 @@ class Adapter:
             out += [(spec.tower, f"{spec.encoder}.{spec.layers}.{i}") for i in range(len(layers))]
         return out
 
+    def token_mask(self, tower: str, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Which tokens of `tower`'s blocks are real on `batch` [B, N] (None: all), so that
+        calibration statistics leave padding out: vision tokens are all real, text towers read
+        the batch's attention mask."""
+        mask = None if tower == "vision" else batch.get("attention_mask")
+        return None if mask is None else mask.bool()
+
     def calibration_forward(self, batch: dict[str, torch.Tensor]) -> Any:
         """The forward layer-wise calibration runs: it must call every block of
         `layerwise_blocks` on the batch's real inputs (default: the inference forward)."""

@@ -354,6 +354,11 @@ class BlipVQAAdapter(_BlipBase):
         return super().layerwise_blocks() + [("decoder", f"text_decoder.bert.encoder.layer.{i}")
                                              for i in range(len(layers))]
 
+    def token_mask(self, tower: str, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if tower == "decoder":     # the decoder's blocks read the answer tokens
+            return batch["decoder_attention_mask"].bool()
+        return super().token_mask(tower, batch)
+
     def calibration_forward(self, batch: dict[str, torch.Tensor]):
         """Teacher-forced answers: greedy generation would show the decoder one token at a time."""
         return self._answer(batch)

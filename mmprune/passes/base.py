@@ -25,6 +25,15 @@ def _not_the_test_split(split: str) -> str:
 FitSplit = Annotated[str, AfterValidator(_not_the_test_split)]
 
 
+def at_least_one(what: str) -> AfterValidator:
+    """For a list field that also takes 'all': an empty list is an error, not 'nothing'."""
+    def check(v):
+        if isinstance(v, list) and not v:
+            raise ValueError(f"name at least one {what}, or 'all'")
+        return v
+    return AfterValidator(check)
+
+
 class PassParams(BaseModel):
     """Base of every pass's parameter model: unknown fields are errors, every field has a default."""
 

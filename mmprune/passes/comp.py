@@ -1,15 +1,15 @@
 """`comp`: CoMP search — joint pruning of tokens and parameters to a FLOPs target (comp.md)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from mmprune.comp.mps import CANONICAL
 from mmprune.comp.plots import plot_trajectory
 from mmprune.comp.search import CompSearch
 from mmprune.context import Context
-from mmprune.passes.base import FitSplit, Pass, PassParams
+from mmprune.passes.base import FitSplit, Pass, PassParams, at_least_one
 from mmprune.training import Trainer, is_main
 
 Mode = Literal["vision_tokens", "language_tokens", "vision_params", "language_params", "cross_params"]
@@ -18,7 +18,7 @@ Mode = Literal["vision_tokens", "language_tokens", "vision_params", "language_pa
 class CompParams(PassParams):
     target: float = Field(0.5, gt=0.0, lt=1.0, description="FLOPs reduction to reach, relative to "
                           "the dense model (0.8 keeps 20% of the dense FLOPs per example).")
-    modes: Literal["all"] | list[Mode] = Field("all", description="Modes that may advance: 'all' "
+    modes: Annotated[Literal["all"] | list[Mode], at_least_one("mode")] = Field("all", description="Modes that may advance: 'all' "
                                                "(every mode the model has) or a list of "
                                                f"{', '.join(CANONICAL)}.")
     schedule: Literal["mps", "round_robin"] = Field("mps", description="mps: cost-driven choice with "
@@ -67,13 +67,6 @@ class CompParams(PassParams):
     tol: float = Field(0.005, ge=0.0, description="Stop within this share of the dense FLOPs of the target.")
     train_split: FitSplit = Field("train", description="Split trained on.")
     val_split: FitSplit = Field("validation", description="Split that prices stages (never test).")
-
-    @field_validator("modes")
-    @classmethod
-    def _some_mode(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("name at least one mode, or 'all'")
-        return v
 
 
 class Comp(Pass):

@@ -9,14 +9,14 @@ shapes, and on this hardware it is no faster (the report says so).
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
 from mmprune.context import Context
 from mmprune.errors import MMPruneError
-from mmprune.passes.base import FitSplit, Pass, PassParams
+from mmprune.passes.base import FitSplit, Pass, PassParams, at_least_one
 from mmprune.sparsity import allocate
 from mmprune.sparsity.masks import attach_masks
 from mmprune.sparsity.scores import (
@@ -37,7 +37,7 @@ class LayerwiseParams(PassParams):
         "sparsegpt: Hessian-based selection with weight update.")
     pattern: str = Field("unstructured", description="'unstructured', or 'N:M' (N of every M "
                          "consecutive inputs zeroed; the target must equal N/M, e.g. 2:4 at 0.5).")
-    towers: Literal["all"] | list[str] = Field("all", description="Towers whose blocks are pruned "
+    towers: Annotated[Literal["all"] | list[str], at_least_one("tower")] = Field("all", description="Towers whose blocks are pruned "
                                                "(adapter tower names, e.g. vision, language).")
     allocator: Literal["uniform", "owl", "ecoflap_zo", "ecoflap_fast", "ecoflap_fo", "from_file"] = Field(
         "uniform", description="How the target is shared out over blocks: uniform (every block at "
@@ -74,13 +74,6 @@ class LayerwiseParams(PassParams):
     def _pattern(cls, v: str) -> str:
         if v != "unstructured":
             nm_ratio(v)   # raises on a malformed pattern
-        return v
-
-    @field_validator("towers")
-    @classmethod
-    def _some_tower(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("name at least one tower, or 'all'")
         return v
 
     @model_validator(mode="after")
@@ -137,8 +130,9 @@ class PruneLayerwise(Pass):
         ratios = self.allocate(ctx, blocks)
         masks = prune_sequential(
             ctx.model, blocks, batches, ctx.adapter.calibration_forward, lambda b: ratios[b.path],
-            p.criterion, pattern, valid_of=_text_padding, sparsegpt_block=p.sparsegpt_block_size,
-            damp=p.damp, progress=lambda it, desc, n: ctx.progress(it, desc, total=n))
+            p.criterion, pattern, valid_of=lambda b, batch: ctx.adapter.token_mask(b.tower, batch),
+            sparsegpt_block=p.sparsegpt_block_size, damp=p.damp,
+            progress=lambda it, desc, n: ctx.progress(it, desc, total=n))
         attach_masks(ctx.model, masks)
         ctx.state["sparsity"] = {**sparsity_summary(ctx, blocks, masks), "allocator": p.allocator,
                                  "blocks": ratios}
@@ -193,7 +187,7 @@ class PruneLayerwise(Pass):
         layers = {b.path: linear_layers(ctx.model.get_submodule(b.path)) for b in blocks}
         tower = {b.path: b for b in blocks}
         d = outlier_ratios(ctx.model, layers, ctx.adapter.calibration_forward, batches,
-                           lambda g, batch: _text_padding(tower[g], batch), p.owl_m)
+                           lambda g, batch: ctx.adapter.token_mask(tower[g].tower, batch), p.owl_m)
         ratios = {}
         for scope in self._scopes(blocks):
             try:
@@ -245,16 +239,6 @@ def model_blocks(ctx: Context, towers: Literal["all"] | list[str]) -> list[Block
             blocks.append(Block(tower, counts.get(tower, 0), path))
         counts[tower] = counts.get(tower, 0) + 1
     return blocks
-
-
-#: the batch field that marks real tokens in each tower's blocks (vision: every token is real)
-_TOKEN_MASKS = {"vision": None, "decoder": "decoder_attention_mask"}
-
-
-def _text_padding(block: Block, batch: dict) -> torch.Tensor | None:
-    field = _TOKEN_MASKS.get(block.tower, "attention_mask")
-    mask = batch.get(field) if field else None
-    return None if mask is None else mask.bool()
 
 
 def sparsity_summary(ctx: Context, blocks: list[Block], masks: dict[str, torch.Tensor]) -> dict:

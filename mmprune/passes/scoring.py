@@ -9,6 +9,7 @@ from pydantic import Field
 
 from mmprune.context import Context
 from mmprune.errors import MMPruneError
+from mmprune.eval_mode import eval_mode
 from mmprune.graph.slices import score_units
 from mmprune.passes.base import Pass, PassParams
 
@@ -57,16 +58,15 @@ class ScoreTaylor(Pass):
         if p.split == "test":
             raise MMPruneError("score_taylor: calibrating on the test split is not allowed; use train or validation.")
         model = ctx.model
-        was_training = model.training
-        model.eval()  # deterministic (no dropout); gradients still flow
         model.zero_grad(set_to_none=True)
         batches = islice(ctx.batches(p.split, p.batch_size, shuffle=True, drop_last=True), p.batches)
         n = 0
-        for batch in ctx.progress(batches, "score_taylor", total=p.batches):
-            with torch.enable_grad():
-                loss = ctx.adapter.task_loss(batch, ctx.task)
-                loss.backward()
-            n += 1
+        with eval_mode(model):  # deterministic (no dropout); gradients still flow
+            for batch in ctx.progress(batches, "score_taylor", total=p.batches):
+                with torch.enable_grad():
+                    loss = ctx.adapter.task_loss(batch, ctx.task)
+                    loss.backward()
+                n += 1
         if n == 0:
             raise MMPruneError(f"score_taylor: split '{p.split}' has fewer than {p.batch_size} examples")
         scores = {}
@@ -75,5 +75,4 @@ class ScoreTaylor(Pass):
                                       lambda w: (w * w.grad / n).abs() if w.grad is not None
                                       else torch.zeros_like(w)).float()
         model.zero_grad(set_to_none=True)
-        model.train(was_training)
         ctx.scores["scores.params"] = scores

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mmprune.eval_mode import eval_mode
+
 Groups = Mapping[str, Sequence[str]]      # group name -> parameter names
 
 
@@ -33,10 +35,8 @@ def zeroth_order_scores(model: nn.Module, groups: Groups, loss: Callable[[dict],
     A perturbed matrix is restored by copying back a saved copy, never by subtracting εz (which
     rounds, and drifts over hundreds of probes)."""
     params = dict(model.named_parameters())
-    was_training = model.training
-    model.eval()
     scores: dict[str, float] = {}
-    try:
+    with eval_mode(model):
         for group, names in progress(list(groups.items()), "zeroth-order scores", len(groups)):
             total = 0.0
             for name in names:
@@ -55,8 +55,6 @@ def zeroth_order_scores(model: nn.Module, groups: Groups, loss: Callable[[dict],
                 finally:
                     p.copy_(saved)             # bit-exact, whatever happened
             scores[group] = total
-    finally:
-        model.train(was_training)
     return scores
 
 
@@ -66,19 +64,17 @@ def first_order_scores(model: nn.Module, groups: Groups, loss: Callable[[dict], 
     params = dict(model.named_parameters())
     wanted = {n for names in groups.values() for n in names}
     acc = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in wanted}
-    was_training = model.training
-    model.eval()
     try:
-        for batch in batches:
-            model.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                loss(batch).backward()
-            for n in wanted:
-                if params[n].grad is not None:
-                    acc[n] += params[n].grad.detach().float().abs()
+        with eval_mode(model):
+            for batch in batches:
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    loss(batch).backward()
+                for n in wanted:
+                    if params[n].grad is not None:
+                        acc[n] += params[n].grad.detach().float().abs()
     finally:
         model.zero_grad(set_to_none=True)
-        model.train(was_training)
     m = max(len(batches), 1)
     return {g: float(sum((params[n].detach().float().abs() * acc[n] / m).sum() for n in names))
             for g, names in groups.items()}
@@ -92,29 +88,15 @@ def outlier_ratios(model: nn.Module, layers: Mapping[str, Mapping[str, nn.Linear
     """OWL's outlier ratio D per group: the share of its matrices' entries whose Wanda score
     |W_ij|·‖X_j‖ exceeds `m` times the mean score of that matrix, on the dense model."""
     from mmprune.sparsity.local import InputStats
+    from mmprune.sparsity.sequential import collecting_inputs
 
-    stats = {(g, n): InputStats() for g, ls in layers.items() for n in ls}
+    flat = {(g, n): layer for g, ls in layers.items() for n, layer in ls.items()}
+    stats = {key: InputStats() for key in flat}
     current: list[dict | None] = [None]
-
-    def collect(group, name):
-        def hook(module, args):
-            x = args[0]
-            mask = valid_of(group, current[0])
-            stats[(group, name)].add(x, mask if mask is not None and mask.shape == x.shape[:-1] else None)
-        return hook
-
-    handles = [layer.register_forward_pre_hook(collect(g, n)) for g, ls in layers.items()
-               for n, layer in ls.items()]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model), collecting_inputs(flat, stats, lambda key: valid_of(key[0], current[0])):
         for batch in batches:
             current[0] = batch
             forward(batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     ratios = {}
     for g, ls in layers.items():
         outliers = total = 0
@@ -185,11 +167,9 @@ def block_jvp_scores(model: nn.Module, groups: Groups, loss: Callable[[dict], to
     falls back to the two-point finite difference (functional, nothing written). Returns the
     scores and the estimator used ('jvp' or 'finite_difference')."""
     params = dict(model.named_parameters())
-    was_training = model.training
-    model.eval()
     scores: dict[str, float] = {}
     method = "jvp"
-    try:
+    with eval_mode(model):
         for group, names in progress(list(groups.items()), "block scores", len(groups)):
             total = 0.0
             for b, batch in enumerate(batches):
@@ -205,8 +185,6 @@ def block_jvp_scores(model: nn.Module, groups: Groups, loss: Callable[[dict], to
                             method = "finite_difference"
                     total += abs(_finite_difference(model, loss, batch, names, z))
             scores[group] = total
-    finally:
-        model.train(was_training)
     return scores, method
 
 

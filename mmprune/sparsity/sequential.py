@@ -8,13 +8,15 @@ its own real keyword arguments (masks, position biases) and nothing is reused fr
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from mmprune.eval_mode import eval_mode
 from mmprune.sparsity.local import (
     InputStats,
     magnitude_mask,
@@ -69,6 +71,27 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+@contextmanager
+def collecting_inputs(layers: Mapping[Hashable, nn.Module], stats: Mapping[Hashable, InputStats],
+                      token_mask: Callable[[Hashable], torch.Tensor | None]) -> Iterator[None]:
+    """Inside, every call of `layers[k]` adds its input to `stats[k]`. `token_mask(k)` is the
+    real-token mask [B, N] of the current batch; a layer whose input has that shape leaves the
+    padding out, and layers reading other sequences (cross-attention keys from image states) use
+    every token."""
+    def hook_for(key):
+        def hook(module, args):
+            x, m = args[0], token_mask(key)
+            stats[key].add(x, m if m is not None and m.shape == x.shape[:-1] else None)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(k)) for k, layer in layers.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def prune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], sparsity: float,
                 criterion: str, pattern: str | None = None,
@@ -84,21 +107,10 @@ def prune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], sparsity: fl
     stats = {name: InputStats(hessian=criterion == "sparsegpt") for name in layers}
     if criterion != "magnitude":
         current: list[torch.Tensor | None] = [None]
-
-        def collect(name):
-            def hook(module, args):
-                x, m = args[0], current[0]
-                stats[name].add(x, m if m is not None and m.shape == x.shape[:-1] else None)
-            return hook
-
-        handles = [m.register_forward_pre_hook(collect(name)) for name, m in layers.items()]
-        try:
+        with collecting_inputs(layers, stats, lambda name: current[0]):
             for i, (args, kwargs) in enumerate(inputs):
                 current[0] = None if valid is None else valid[i]
                 block(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
     masks = {}
     for name, layer in layers.items():
         w = layer.weight
@@ -124,10 +136,8 @@ def prune_sequential(model: nn.Module, blocks: Sequence[Block], batches: Sequenc
     """Prune `blocks` in order (upstream towers first), each calibrated on the pruned model's
     real inputs to it. `valid_of(block, batch)` is the real-token mask of that block's input on
     `batch` (None: every token real). Returns every mask by full parameter name."""
-    was_training = model.training
-    model.eval()
     masks: dict[str, torch.Tensor] = {}
-    try:
+    with eval_mode(model):
         for b in progress(blocks, f"{criterion} blocks", len(blocks)):
             module = model.get_submodule(b.path)
             s = sparsity_of(b)
@@ -137,6 +147,4 @@ def prune_sequential(model: nn.Module, blocks: Sequence[Block], batches: Sequenc
             valid = None if valid_of is None else [valid_of(b, batch) for batch in batches]
             layer_masks = prune_block(module, inputs, s, criterion, pattern, valid, **kwargs)
             masks.update({f"{b.path}.{name}.weight": m for name, m in layer_masks.items()})
-    finally:
-        model.train(was_training)
     return masks
