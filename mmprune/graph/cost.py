@@ -2,8 +2,9 @@
 
 FLOPs = 2 × multiply-accumulates of every matmul and convolution (what
 torch.utils.flop_counter counts): per self-attention layer with N tokens, width D and H kept heads
-of size d: 8·N·D·H·d + 4·N²·H·d; per cross-attention with N_q queries and N_kv keys of width D_kv:
-4·N_q·D·H·d + 4·N_kv·D_kv·H·d + 4·N_q·N_kv·H·d; per MLP with m kept channels: 4·N·D·m. Norms,
+of size d: 8·N·D·H·d + 4·N²·H·d (grouped-query, with H_kv key / value heads:
+4·N·D·(H + H_kv)·d + 4·N²·H·d); per cross-attention with N_q queries and N_kv keys of width D_kv:
+4·N_q·D·H·d + 4·N_kv·D_kv·H·d + 4·N_q·N_kv·H·d; per MLP with m kept channels: 4·N·D·m (SwiGLU: 6·N·D·m). Norms,
 softmax and activations are not counted. Cross-attention towers read their key count from the
 token entry '<tower>_kv'.
 """
@@ -18,8 +19,24 @@ from mmprune.graph.units import ChannelGroup, HeadGroup, UnitGroup
 from mmprune.models.base import TowerSpec
 
 
-def attention_flops(tokens: float, hidden: int, heads: int, head_dim: int) -> float:
-    return 8 * tokens * hidden * heads * head_dim + 4 * tokens ** 2 * heads * head_dim
+def attention_flops(tokens: float, hidden: int, heads: int, head_dim: int,
+                    kv_heads: int | None = None) -> float:
+    """q and o for `heads` query heads, k and v for `kv_heads` (grouped-query; default: as many)."""
+    kv = heads if kv_heads is None else kv_heads
+    return (4 * tokens * hidden * (heads + kv) * head_dim + 4 * tokens ** 2 * heads * head_dim)
+
+
+def kv_heads_kept(group: HeadGroup, size: int) -> int | None:
+    """Key / value heads a grouped-query module keeps with `size` query heads: those with a kept
+    query head. For a hypothetical size the kept set is unknown, and every group that could still
+    have a head is counted (an upper bound)."""
+    site = group.site
+    if site.num_kv_heads is None:
+        return None
+    per = site.num_heads // site.num_kv_heads
+    if size == group.size:
+        return len({k // per for k in group.kept})
+    return min(site.num_kv_heads, size)
 
 
 def cross_attention_flops(queries, keys, hidden: int, kv_hidden: int, heads: int, head_dim: int):
@@ -50,7 +67,7 @@ class CostModel:
             if site.kv_hidden_size is not None:  # cross-attention: keys/values from another tower
                 kv = (tokens or self.tokens).get(f"{group.tower}_kv", n)
                 return cross_attention_flops(n, kv, d, site.kv_hidden_size, size, site.head_dim)
-            return attention_flops(n, d, size, site.head_dim)
+            return attention_flops(n, d, size, site.head_dim, kv_heads_kept(group, size))
         return mlp_flops(n, d, size, len(group.site.fc_in))
 
     def unit_flops(self, group: UnitGroup, tokens: Mapping[str, float] | None = None) -> float:
@@ -103,11 +120,13 @@ def unit_param_count(model, group: UnitGroup) -> int:
         d = group.site.head_dim
         per_head = 0
         s = group.site
-        for name in (s.q,) * 3 if s.fused_qkv else (s.q, s.k, s.v):
+        # grouped-query: a query head's share of its key / value head (removed with its last one)
+        share = 1 if s.num_kv_heads is None else s.num_kv_heads / s.num_heads
+        for name, part in zip((s.q,) * 3 if s.fused_qkv else (s.q, s.k, s.v), (1, share, share)):
             lin = root.get_submodule(name)
-            per_head += d * lin.in_features + (d if lin.bias is not None else 0)
+            per_head += part * (d * lin.in_features + (d if lin.bias is not None else 0))
         per_head += d * root.get_submodule(group.site.o).out_features
-        return per_head
+        return round(per_head)
     assert isinstance(group, ChannelGroup)
     per = 0
     for name in group.site.fc_in:

@@ -39,6 +39,10 @@ def remove_units(graph: ModelGraph, group: UnitGroup, positions: list[int]) -> N
         raise SurgeryError(f"{group.id}: unit positions {positions} outside 0..{group.size - 1}")
     if len(positions) >= group.size:
         raise SurgeryError(f"{group.id}: refusing to remove every unit of the module")
+    if isinstance(group, HeadGroup) and group.site.num_kv_heads not in (None, group.site.num_heads):
+        raise SurgeryError(f"{group.id}: removing grouped-query attention heads is not supported "
+                           "yet (query heads sharing a key / value head); prune its MLP channels, "
+                           "or use prune_layerwise")
     outs, ins = _expected(graph, group)
     idxs = group.channels(positions)
     if isinstance(group, HeadGroup) and group.site.fused_qkv:

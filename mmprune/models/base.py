@@ -34,6 +34,9 @@ class AttentionSite:
     fused_qkv: bool = False
     #: width of the states keys and values are computed from, when not the tower's (cross-attention)
     kv_hidden_size: int | None = None
+    #: grouped-query attention: key / value heads, each shared by num_heads / num_kv_heads
+    #: consecutive query heads (None: one per query head). The units are the query heads.
+    num_kv_heads: int | None = None
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from mmprune.errors import MMPruneError
 from mmprune.models import inputs
-from mmprune.models.base import Adapter
+from mmprune.models.base import Adapter, AttentionSite, MLPSite, TowerSpec
 from mmprune.models.clip import _merge
 
 IMAGE_TOKEN = "<image>"
@@ -61,6 +61,58 @@ class LlavaAdapter(Adapter):
         fits = (tok.convert_tokens_to_ids(IMAGE_TOKEN) == model.config.image_token_id
                 and len(tok) <= model.config.text_config.vocab_size)
         return (tok if fits else None), ip
+
+    # ---- structure
+    # `vision`: the CLIP ViT; `language`: the Llama decoder (query heads of its grouped-query
+    # attention, SwiGLU channels). Their blocks are what prune_layerwise sparsifies and what the
+    # cost model counts; removing grouped-query heads (and CoMP on this family) is not built yet.
+    _VIT = "model.vision_tower.encoder.layers"
+    _LLM = "model.language_model.layers"
+
+    def attention_sites(self) -> list[AttentionSite]:
+        vit, llm = self.model.config.vision_config, self.model.config.text_config
+        head_dim = getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
+        return ([AttentionSite("vision", i, f"{self._VIT}.{i}.self_attn", "q_proj", "k_proj",
+                               "v_proj", "out_proj", vit.num_attention_heads,
+                               vit.hidden_size // vit.num_attention_heads)
+                 for i in range(vit.num_hidden_layers)]
+                + [AttentionSite("language", i, f"{self._LLM}.{i}.self_attn", "q_proj", "k_proj",
+                                 "v_proj", "o_proj", llm.num_attention_heads, head_dim,
+                                 num_kv_heads=llm.num_key_value_heads)
+                   for i in range(llm.num_hidden_layers)])
+
+    def mlp_sites(self) -> list[MLPSite]:
+        vit, llm = self.model.config.vision_config, self.model.config.text_config
+        return ([MLPSite("vision", i, f"{self._VIT}.{i}.mlp", ("fc1",), "fc2", vit.intermediate_size)
+                 for i in range(vit.num_hidden_layers)]
+                + [MLPSite("language", i, f"{self._LLM}.{i}.mlp", ("gate_proj", "up_proj"),
+                           "down_proj", llm.intermediate_size) for i in range(llm.num_hidden_layers)])
+
+    def towers(self) -> list[TowerSpec]:
+        """Prefill FLOPs outside the blocks: the patch embedding and the projector on the vision
+        side, the LM head on the one position whose next token the prefill predicts."""
+        cfg = self.model.config
+        vit, llm = cfg.vision_config, cfg.text_config
+        patches = (vit.image_size // vit.patch_size) ** 2
+        patch_embed = 2 * patches * vit.hidden_size * vit.num_channels * vit.patch_size ** 2
+        proj = self.model.model.multi_modal_projector
+        projector = 2 * cfg.image_seq_length * (proj.linear_1.in_features * proj.linear_1.out_features
+                                                + proj.linear_2.in_features * proj.linear_2.out_features)
+        return [TowerSpec("vision", vit.hidden_size, patch_embed + projector),
+                TowerSpec("language", llm.hidden_size, 2 * llm.hidden_size * llm.vocab_size)]
+
+    def example_inputs(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
+        spec = self.input_spec()
+        g = torch.Generator().manual_seed(0)
+        text = torch.randint(4, self.model.config.image_token_id, (batch_size, 6), generator=g)
+        head = torch.tensor([spec["bos_token_id"]] + [self.model.config.image_token_id]
+                            * spec["image_tokens"]).expand(batch_size, -1)
+        ids = torch.cat([head, text], 1)
+        px = torch.randn(batch_size, spec["num_channels"], spec["image_size"], spec["image_size"],
+                         generator=g)
+        mask = torch.ones_like(ids)
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": px,
+                "prompt_ids": ids, "prompt_mask": mask}
 
     # ---- data
     def input_spec(self) -> dict:
@@ -116,6 +168,23 @@ class LlavaAdapter(Adapter):
 
     def forward(self, batch):
         return self.generate(batch)
+
+    # ---- layer-wise pruning
+    def layerwise_blocks(self) -> list[tuple[str, str]]:
+        """The CLIP ViT's blocks (tower `vision`), then the Llama decoder's (tower `language`)."""
+        vit, llm = self.model.config.vision_config, self.model.config.text_config
+        return ([("vision", f"{self._VIT}.{i}") for i in range(vit.num_hidden_layers)]
+                + [("language", f"{self._LLM}.{i}") for i in range(llm.num_hidden_layers)])
+
+    def token_mask(self, tower: str, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        # the decoder runs the whole teacher-forced sequence (image tokens included)
+        return None if tower == "vision" else batch["attention_mask"].bool()
+
+    def calibration_forward(self, batch: dict[str, torch.Tensor]):
+        """Teacher-forced over prompt and answer, without a KV cache: every decoder block sees
+        the answer tokens generation would feed it, and calibrates on them too."""
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          pixel_values=batch["pixel_values"], use_cache=False)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:

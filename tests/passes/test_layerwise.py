@@ -197,3 +197,30 @@ def test_forward_mode_derivative_equals_autograd_and_finite_differences():
     expected = float(sum((params[n].grad * t).sum() for n, t in zip(names, z)))
     assert d == pytest.approx(expected, rel=1e-4)
     assert _finite_difference(model, loss, batch, names, z) == pytest.approx(d, rel=1e-2)
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_llava_prunes_vision_tower_and_decoder(write_recipe, registry, tmp_path, criterion):
+    """CLIP ViT → Llama decoder (GQA), the decoder calibrated teacher-forced with its rotary
+    position embeddings and causal mask captured per block; ECoFLaP's allocation moves sparsity
+    between the two towers under one budget."""
+    recipe = {"model": {"tiny": "llava"},
+              "data": {"minivl": "instruct", "train_size": 48, "validation_size": 16, "test_size": 16},
+              "passes": [{"prune_layerwise": {"target": 0.5, "criterion": criterion,
+                                              "allocator": "ecoflap_zo", "allocation_samples": 8,
+                                              "calibration_samples": 16, "batch_size": 8}},
+                         {"export": {}}],
+              "evaluation": {"latency_batch_size": 4, "latency_repeats": 3, "latency_warmup": 1},
+              "output": str(tmp_path / "run"), "seed": 0}
+    report = run(load_recipe(write_recipe(recipe), registry), registry, show_progress=False,
+                 log=lambda m: None)
+    s = report["state"]["sparsity"]
+    assert set(s["towers"]) == {"vision", "language"}
+    assert s["prunable_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert len(set(round(v, 3) for v in s["blocks"].values())) > 1      # not uniform
+    assert any(k.startswith("model.language_model.layers.") for k in s["blocks"])
+    again = {**recipe, "model": {"path": str(tmp_path / "run" / "model")},
+             "passes": [{"evaluate": {}}], "output": str(tmp_path / "again")}
+    reloaded = run(load_recipe(write_recipe(again), registry), registry, show_progress=False,
+                   log=lambda m: None)
+    assert reloaded["baseline"]["metrics"] == report["final"]["metrics"]
