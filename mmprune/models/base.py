@@ -125,6 +125,13 @@ class Adapter:
             out += [(spec.tower, f"{spec.encoder}.{spec.layers}.{i}") for i in range(len(layers))]
         return out
 
+    def downstream_towers(self, tower: str) -> set[str]:
+        """Towers whose blocks read `tower`'s outputs, directly or not, in the forward that
+        block scores probe (default: every tower listed after it in `layerwise_blocks`; exact for
+        a chain of towers, only conservative otherwise)."""
+        order = list(dict.fromkeys(t for t, _ in self.layerwise_blocks()))
+        return set(order[order.index(tower) + 1:]) if tower in order else set()
+
     def token_mask(self, tower: str, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Which tokens of `tower`'s blocks are real on `batch` [B, N] (None: all), so that
         calibration statistics leave padding out: vision tokens are all real, text towers read

@@ -121,6 +121,9 @@ class CLIPAdapter(Adapter):
                 ManagedTowerSpec("language", "text_model", "text_model.encoder", "layers", ops,
                                  clip_text_marks(eos), causal=True)]
 
+    def downstream_towers(self, tower: str) -> set[str]:
+        return set()   # a dual encoder: the towers meet only in the loss
+
     def set_num_heads(self, site: AttentionSite, num_heads: int) -> None:
         att = self.module(site.path)
         att.num_heads = num_heads

@@ -24,9 +24,11 @@ from mmprune.sparsity.scores import (
     first_order_scores,
     outlier_ratios,
     owl_sparsities,
+    record_block_outputs,
     zeroth_order_scores,
 )
 from mmprune.sparsity.sequential import Block, linear_layers, prune_sequential
+from mmprune.sparsity.suffix import skipped_blocks
 
 
 class LayerwiseParams(PassParams):
@@ -62,6 +64,9 @@ class LayerwiseParams(PassParams):
                               "sparsity from the target.")
     zo_eps: float = Field(1e-3, gt=0.0, description="ecoflap_zo: perturbation size ε.")
     zo_directions: int = Field(1, ge=1, description="ecoflap_zo: random directions per batch and matrix.")
+    suffix_recompute: bool = Field(True, description="ecoflap_fast: a probe on a block re-runs "
+                                   "only the blocks it can influence; the others replay outputs "
+                                   "recorded once per batch (same scores, less work; §3.3).")
     calibration_samples: int = Field(128, ge=1, description="Examples whose activations calibrate "
                                      "Wanda / SparseGPT.")
     batch_size: int = Field(16, ge=1, description="Calibration batch size.")
@@ -167,10 +172,18 @@ class PruneLayerwise(Pass):
             scores = zeroth_order_scores(ctx.model, groups, loss, batches, p.zo_eps, p.zo_directions,
                                          ctx.seed, progress=lambda it, d, n: ctx.progress(it, d, total=n))
         elif p.allocator == "ecoflap_fast":
+            suffix = None
+            if p.suffix_recompute:
+                listed = ctx.adapter.layerwise_blocks()
+                towers = dict.fromkeys(t for t, _ in listed)
+                outputs = record_block_outputs(ctx.model, [q for _, q in listed], loss, batches)
+                skip = skipped_blocks(listed, {t: ctx.adapter.downstream_towers(t) for t in towers})
+                suffix = (outputs, skip)
             scores, estimator = block_jvp_scores(
                 ctx.model, groups, loss, batches, p.zo_directions, ctx.seed,
-                progress=lambda it, d, n: ctx.progress(it, d, total=n))
+                progress=lambda it, d, n: ctx.progress(it, d, total=n), suffix=suffix)
             ctx.state["block_score_estimator"] = estimator
+            ctx.state["block_score_suffix_recompute"] = p.suffix_recompute
         else:
             scores = first_order_scores(ctx.model, groups, loss, batches)
         ratios = {}

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmprune.eval_mode import eval_mode
+from mmprune.sparsity.suffix import BlockOutputs
 
 Groups = Mapping[str, Sequence[str]]      # group name -> parameter names
 
@@ -158,14 +160,19 @@ def directional_derivative(model: nn.Module, loss: Callable[[dict], torch.Tensor
 
 def block_jvp_scores(model: nn.Module, groups: Groups, loss: Callable[[dict], torch.Tensor],
                      batches: Sequence[dict], directions: int = 1, seed: int = 0,
-                     progress: Callable[[Iterable, str, int], Iterable] = lambda it, d, n: it
+                     progress: Callable[[Iterable, str, int], Iterable] = lambda it, d, n: it,
+                     suffix: tuple[BlockOutputs, Mapping[str, Sequence[str]]] | None = None,
                      ) -> tuple[dict[str, float], str]:
     """Our fast allocator's scores (ecoflap.md §3.2, §3.4): one Gaussian direction over all of a
     block's matrices at once and the exact directional derivative by forward-mode AD, so
     score_g = Σ_b Σ_k |∇_{θ_g} L_b · z| with one dual forward per probe instead of two forwards
     per matrix. Where the model has an op without forward-mode AD, the same block-level probe
     falls back to the two-point finite difference (functional, nothing written). Returns the
-    scores and the estimator used ('jvp' or 'finite_difference')."""
+    scores and the estimator used ('jvp' or 'finite_difference').
+
+    With `suffix` (recorded block outputs, and per group the blocks it cannot influence; see
+    `mmprune.sparsity.suffix`, recorded with `record_block_outputs`), those blocks replay their
+    outputs instead of running: the same scores for less work (§3.3)."""
     params = dict(model.named_parameters())
     scores: dict[str, float] = {}
     method = "jvp"
@@ -175,17 +182,29 @@ def block_jvp_scores(model: nn.Module, groups: Groups, loss: Callable[[dict], to
             for b, batch in enumerate(batches):
                 for k in range(directions):
                     z = [_direction(params[n], seed, f"{group}/{n}", b, k) for n in names]
-                    if method == "jvp":
-                        try:
-                            total += abs(directional_derivative(model, loss, batch, names, z))
-                            continue
-                        except (RuntimeError, NotImplementedError) as e:
-                            if "forward AD" not in str(e) and "forward-mode" not in str(e):
-                                raise          # a real failure, not a missing forward rule
-                            method = "finite_difference"
-                    total += abs(_finite_difference(model, loss, batch, names, z))
+                    with suffix[0].replaying(b, suffix[1][group]) if suffix else nullcontext():
+                        if method == "jvp":
+                            try:
+                                total += abs(directional_derivative(model, loss, batch, names, z))
+                                continue
+                            except (RuntimeError, NotImplementedError) as e:
+                                if "forward AD" not in str(e) and "forward-mode" not in str(e):
+                                    raise      # a real failure, not a missing forward rule
+                                method = "finite_difference"
+                        total += abs(_finite_difference(model, loss, batch, names, z))
             scores[group] = total
     return scores, method
+
+
+def record_block_outputs(model: nn.Module, paths: Sequence[str], loss: Callable[[dict], torch.Tensor],
+                         batches: Sequence[dict]) -> BlockOutputs:
+    """Every block's outputs on the unperturbed loss of each batch, computed as the probes compute
+    theirs (eval mode, the math attention path), so that replaying them changes nothing."""
+    outputs = BlockOutputs(model, paths)
+    with eval_mode(model), sdpa_kernel([SDPBackend.MATH]):
+        for b, batch in enumerate(batches):
+            outputs.record(b, lambda: loss(batch))
+    return outputs
 
 
 @torch.no_grad()
