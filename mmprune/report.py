@@ -103,8 +103,15 @@ def _sparsity_section(state: dict, speedup: float) -> list[str]:
              "machine: nothing but noise. N:M sparsity needs semi-structured kernels (2:4 on "
              "recent GPUs) to run faster."]
     if len(set(s["blocks"].values())) > 1:
-        lines += ["", "| block | sparsity |", "|---|---:|"]
-        lines += [f"| {b} | {v * 100:.1f}% |" for b, v in s["blocks"].items()]
+        scores = s.get("scores", {})
+        se = {b: v for b, v in s.get("score_se", {}).items() if v is not None}
+        if "score_passes" in s:
+            lines += ["", f"Block scores from {s['score_passes']} scoring passes"
+                      + (" (± one standard error over batches and directions)." if se else ".")]
+        lines += ["", "| block | sparsity | score |", "|---|---:|---:|"]
+        lines += [f"| {b} | {v * 100:.1f}% | "
+                  + (f"{scores[b]:.4g}" + (f" ± {se[b]:.2g}" if b in se else "") if b in scores else "-")
+                  + " |" for b, v in s["blocks"].items()]
     return lines
 
 

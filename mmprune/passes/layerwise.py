@@ -141,6 +141,9 @@ class PruneLayerwise(Pass):
         attach_masks(ctx.model, masks)
         ctx.state["sparsity"] = {**sparsity_summary(ctx, blocks, masks), "allocator": p.allocator,
                                  "blocks": ratios}
+        for key in ("block_scores", "block_score_se", "block_score_passes"):
+            if key in ctx.state:
+                ctx.state["sparsity"][key.removeprefix("block_")] = ctx.state[key]
         if ctx.run_dir is not None:
             (ctx.run_dir / "sparsity.json").write_text(json.dumps(ratios, indent=1) + "\n")
         s = ctx.state["sparsity"]
@@ -168,9 +171,12 @@ class PruneLayerwise(Pass):
         sizes = {g: sum(params[n].numel() for n in names) for g, names in groups.items()}
         if p.allocator == "owl":
             return self._owl(ctx, blocks, sizes, batches)
+        probes: dict[str, list[float]] = {}
         if p.allocator == "ecoflap_zo":
             scores = zeroth_order_scores(ctx.model, groups, loss, batches, p.zo_eps, p.zo_directions,
-                                         ctx.seed, progress=lambda it, d, n: ctx.progress(it, d, total=n))
+                                         ctx.seed, progress=lambda it, d, n: ctx.progress(it, d, total=n),
+                                         probes=probes)
+            passes = 2 * sum(len(n) for n in groups.values()) * len(batches) * p.zo_directions
         elif p.allocator == "ecoflap_fast":
             suffix = None
             if p.suffix_recompute:
@@ -181,17 +187,24 @@ class PruneLayerwise(Pass):
                 suffix = (outputs, skip)
             scores, estimator = block_jvp_scores(
                 ctx.model, groups, loss, batches, p.zo_directions, ctx.seed,
-                progress=lambda it, d, n: ctx.progress(it, d, total=n), suffix=suffix)
+                progress=lambda it, d, n: ctx.progress(it, d, total=n), suffix=suffix, probes=probes)
             ctx.state["block_score_estimator"] = estimator
             ctx.state["block_score_suffix_recompute"] = p.suffix_recompute
+            per_probe = 1 if estimator == "jvp" else 2
+            passes = (per_probe * len(groups) * len(batches) * p.zo_directions
+                      + (len(batches) if suffix else 0))
         else:
             scores = first_order_scores(ctx.model, groups, loss, batches)
+            passes = len(batches)     # forward + backward each
         ratios = {}
         for scope in self._scopes(blocks):
             a = allocate([sizes[b.path] for b in scope], [scores[b.path] for b in scope], p.target,
                          p.max_sparsity)
             ratios.update({b.path: s for b, s in zip(scope, a.sparsity)})
         ctx.state["block_scores"] = scores
+        ctx.state["block_score_passes"] = passes
+        if probes:    # §3.5: each score's standard error over its (batch, direction) terms
+            ctx.state["block_score_se"] = {g: _sum_standard_error(t) for g, t in probes.items()}
         return ratios
 
 
@@ -216,6 +229,16 @@ class PruneLayerwise(Pass):
         if self.params.budget_scope == "joint":
             return [blocks]
         return [[b for b in blocks if b.tower == t] for t in dict.fromkeys(b.tower for b in blocks)]
+
+
+def _sum_standard_error(terms: list[float]) -> float | None:
+    """Standard error of a score that sums n probe terms: n · sd / √n (None for one term)."""
+    n = len(terms)
+    if n < 2:
+        return None
+    mean = sum(terms) / n
+    sd = (sum((t - mean) ** 2 for t in terms) / (n - 1)) ** 0.5
+    return n * sd / n ** 0.5
 
 
 def _read_ratios(path: str, blocks: list[Block]) -> dict[str, float]:

@@ -31,16 +31,19 @@ def _direction(param: torch.Tensor, seed: int, name: str, batch: int, k: int) ->
 def zeroth_order_scores(model: nn.Module, groups: Groups, loss: Callable[[dict], torch.Tensor],
                         batches: Sequence[dict], eps: float = 1e-3, directions: int = 1,
                         seed: int = 0, progress: Callable[[Iterable, str, int], Iterable] =
-                        lambda it, d, n: it) -> dict[str, float]:
+                        lambda it, d, n: it, probes: dict[str, list[float]] | None = None
+                        ) -> dict[str, float]:
     """ECoFLaP's reference estimate: score_P = Σ_b Σ_k |L_b(P + εz) − L_b(P − εz)| / 2ε per matrix,
     summed over the group's matrices. Every probe sees the same batches (common random numbers).
     A perturbed matrix is restored by copying back a saved copy, never by subtracting εz (which
-    rounds, and drifts over hundreds of probes)."""
+    rounds, and drifts over hundreds of probes). `probes`, if given, receives each group's
+    per-(batch, direction) terms (summed over its matrices), for the report's standard errors."""
     params = dict(model.named_parameters())
     scores: dict[str, float] = {}
     with eval_mode(model):
         for group, names in progress(list(groups.items()), "zeroth-order scores", len(groups)):
             total = 0.0
+            terms = [0.0] * (len(batches) * directions)
             for name in names:
                 p = params[name]
                 saved = p.detach().clone()
@@ -54,9 +57,12 @@ def zeroth_order_scores(model: nn.Module, groups: Groups, loss: Callable[[dict],
                             p.copy_((exact - eps * z).to(p.dtype))
                             down = float(loss(batch))
                             total += abs(up - down) / (2 * eps)
+                            terms[b * directions + k] += abs(up - down) / (2 * eps)
                 finally:
                     p.copy_(saved)             # bit-exact, whatever happened
             scores[group] = total
+            if probes is not None:
+                probes[group] = terms
     return scores
 
 
@@ -162,6 +168,7 @@ def block_jvp_scores(model: nn.Module, groups: Groups, loss: Callable[[dict], to
                      batches: Sequence[dict], directions: int = 1, seed: int = 0,
                      progress: Callable[[Iterable, str, int], Iterable] = lambda it, d, n: it,
                      suffix: tuple[BlockOutputs, Mapping[str, Sequence[str]]] | None = None,
+                     probes: dict[str, list[float]] | None = None,
                      ) -> tuple[dict[str, float], str]:
     """Our fast allocator's scores (ecoflap.md §3.2, §3.4): one Gaussian direction over all of a
     block's matrices at once and the exact directional derivative by forward-mode AD, so
@@ -172,27 +179,30 @@ def block_jvp_scores(model: nn.Module, groups: Groups, loss: Callable[[dict], to
 
     With `suffix` (recorded block outputs, and per group the blocks it cannot influence; see
     `mmprune.sparsity.suffix`, recorded with `record_block_outputs`), those blocks replay their
-    outputs instead of running: the same scores for less work (§3.3)."""
+    outputs instead of running: the same scores for less work (§3.3). `probes`, if given,
+    receives each group's per-(batch, direction) terms."""
     params = dict(model.named_parameters())
     scores: dict[str, float] = {}
     method = "jvp"
     with eval_mode(model):
         for group, names in progress(list(groups.items()), "block scores", len(groups)):
-            total = 0.0
+            terms = []
             for b, batch in enumerate(batches):
                 for k in range(directions):
                     z = [_direction(params[n], seed, f"{group}/{n}", b, k) for n in names]
                     with suffix[0].replaying(b, suffix[1][group]) if suffix else nullcontext():
                         if method == "jvp":
                             try:
-                                total += abs(directional_derivative(model, loss, batch, names, z))
+                                terms.append(abs(directional_derivative(model, loss, batch, names, z)))
                                 continue
                             except (RuntimeError, NotImplementedError) as e:
                                 if "forward AD" not in str(e) and "forward-mode" not in str(e):
                                     raise      # a real failure, not a missing forward rule
                                 method = "finite_difference"
-                        total += abs(_finite_difference(model, loss, batch, names, z))
-            scores[group] = total
+                        terms.append(abs(_finite_difference(model, loss, batch, names, z)))
+            scores[group] = sum(terms)
+            if probes is not None:
+                probes[group] = terms
     return scores, method
 
 

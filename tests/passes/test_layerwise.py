@@ -224,3 +224,26 @@ def test_llava_prunes_vision_tower_and_decoder(write_recipe, registry, tmp_path,
     reloaded = run(load_recipe(write_recipe(again), registry), registry, show_progress=False,
                    log=lambda m: None)
     assert reloaded["baseline"]["metrics"] == report["final"]["metrics"]
+
+
+def test_report_gives_block_scores_with_standard_errors_and_pass_counts(write_recipe, registry,
+                                                                       tmp_path):
+    """ecoflap.md §3.5: per block, the score and its standard error over (batch, direction), and
+    how many scoring passes the allocation took."""
+    out = tmp_path / "run"
+    report = _run(write_recipe, registry, out, {"target": 0.5, "allocator": "ecoflap_zo",
+                                                "allocation_samples": 16, "allocation_batch_size": 4})
+    s = report["state"]["sparsity"]
+    blocks = list(s["blocks"])
+    assert set(s["scores"]) == set(s["score_se"]) == set(blocks)
+    assert all(se > 0 for se in s["score_se"].values())
+    matrices = sum(1 for b in blocks for _ in linear_layers_of(out, b))
+    assert s["score_passes"] == 2 * matrices * 4          # two forwards, per matrix and batch
+    md = (out / "report.md").read_text()
+    assert "± " in md and f"{s['score_passes']} scoring passes" in md
+
+
+def linear_layers_of(out, block: str):
+    from mmprune.sparsity.sequential import linear_layers
+    model = load_bundle(out / "model").adapter.model
+    return linear_layers(model.get_submodule(block))
