@@ -63,7 +63,14 @@ class LayerwiseParams(PassParams):
     owl_lambda: float = Field(0.08, ge=0.0, lt=1.0, description="owl: largest deviation of a block's "
                               "sparsity from the target.")
     zo_eps: float = Field(1e-3, gt=0.0, description="ecoflap_zo: perturbation size ε.")
-    zo_directions: int = Field(1, ge=1, description="ecoflap_zo: random directions per batch and matrix.")
+    zo_directions: int = Field(1, ge=1, description="ecoflap_zo / ecoflap_fast: random directions "
+                               "per batch and matrix (zo) or block (fast).")
+    target_rel_se: float | None = Field(None, gt=0.0, description="ecoflap_fast: add directions "
+                                        "to a block, one round over every batch at a time, until "
+                                        "its score's standard error is at most this share of it "
+                                        "(0.1 is the spec's suggestion; default off).")
+    max_directions: int = Field(8, ge=1, description="ecoflap_fast with target_rel_se: most "
+                                "directions per batch and block.")
     suffix_recompute: bool = Field(True, description="ecoflap_fast: a probe on a block re-runs "
                                    "only the blocks it can influence; the others replay outputs "
                                    "recorded once per batch (same scores, less work; §3.3).")
@@ -98,6 +105,9 @@ class LayerwiseParams(PassParams):
             if self.max_sparsity < self.target:
                 raise ValueError(f"max_sparsity ({self.max_sparsity:g}) is below the target "
                                  f"({self.target:g}): no allocation can meet the budget")
+        if self.target_rel_se is not None and self.allocator != "ecoflap_fast":
+            raise ValueError(f"target_rel_se adds directions to ecoflap_fast's block probes; "
+                             f"allocator '{self.allocator}' does not use it")
         if self.allocator in ("ecoflap_zo", "ecoflap_fast", "ecoflap_fo") and \
                 self.allocation_samples < self.allocation_batch_size:
             raise ValueError(f"allocation_samples ({self.allocation_samples}) is smaller than one "
@@ -187,12 +197,12 @@ class PruneLayerwise(Pass):
                 suffix = (outputs, skip)
             scores, estimator = block_jvp_scores(
                 ctx.model, groups, loss, batches, p.zo_directions, ctx.seed,
-                progress=lambda it, d, n: ctx.progress(it, d, total=n), suffix=suffix, probes=probes)
+                progress=lambda it, d, n: ctx.progress(it, d, total=n), suffix=suffix, probes=probes,
+                target_rel_se=p.target_rel_se, max_directions=max(p.max_directions, p.zo_directions))
             ctx.state["block_score_estimator"] = estimator
             ctx.state["block_score_suffix_recompute"] = p.suffix_recompute
             per_probe = 1 if estimator == "jvp" else 2
-            passes = (per_probe * len(groups) * len(batches) * p.zo_directions
-                      + (len(batches) if suffix else 0))
+            passes = per_probe * sum(map(len, probes.values())) + (len(batches) if suffix else 0)
         else:
             scores = first_order_scores(ctx.model, groups, loss, batches)
             passes = len(batches)     # forward + backward each

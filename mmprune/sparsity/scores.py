@@ -169,6 +169,7 @@ def block_jvp_scores(model: nn.Module, groups: Groups, loss: Callable[[dict], to
                      progress: Callable[[Iterable, str, int], Iterable] = lambda it, d, n: it,
                      suffix: tuple[BlockOutputs, Mapping[str, Sequence[str]]] | None = None,
                      probes: dict[str, list[float]] | None = None,
+                     target_rel_se: float | None = None, max_directions: int = 8,
                      ) -> tuple[dict[str, float], str]:
     """Our fast allocator's scores (ecoflap.md §3.2, §3.4): one Gaussian direction over all of a
     block's matrices at once and the exact directional derivative by forward-mode AD, so
@@ -179,31 +180,49 @@ def block_jvp_scores(model: nn.Module, groups: Groups, loss: Callable[[dict], to
 
     With `suffix` (recorded block outputs, and per group the blocks it cannot influence; see
     `mmprune.sparsity.suffix`, recorded with `record_block_outputs`), those blocks replay their
-    outputs instead of running: the same scores for less work (§3.3). `probes`, if given,
-    receives each group's per-(batch, direction) terms."""
+    outputs instead of running: the same scores for less work (§3.3). With `target_rel_se`
+    (§3.5), a group gets more directions, one round over every batch at a time, until its
+    standard error is at most that share of its score or it has `max_directions`. `probes`, if
+    given, receives each group's per-(batch, direction) terms."""
     params = dict(model.named_parameters())
     scores: dict[str, float] = {}
     method = "jvp"
+
+    def probe(group: str, names: Sequence[str], b: int, k: int) -> float:
+        nonlocal method
+        z = [_direction(params[n], seed, f"{group}/{n}", b, k) for n in names]
+        with suffix[0].replaying(b, suffix[1][group]) if suffix else nullcontext():
+            if method == "jvp":
+                try:
+                    return abs(directional_derivative(model, loss, batches[b], names, z))
+                except (RuntimeError, NotImplementedError) as e:
+                    if "forward AD" not in str(e) and "forward-mode" not in str(e):
+                        raise      # a real failure, not a missing forward rule
+                    method = "finite_difference"
+            return abs(_finite_difference(model, loss, batches[b], names, z))
+
     with eval_mode(model):
         for group, names in progress(list(groups.items()), "block scores", len(groups)):
-            terms = []
-            for b, batch in enumerate(batches):
-                for k in range(directions):
-                    z = [_direction(params[n], seed, f"{group}/{n}", b, k) for n in names]
-                    with suffix[0].replaying(b, suffix[1][group]) if suffix else nullcontext():
-                        if method == "jvp":
-                            try:
-                                terms.append(abs(directional_derivative(model, loss, batch, names, z)))
-                                continue
-                            except (RuntimeError, NotImplementedError) as e:
-                                if "forward AD" not in str(e) and "forward-mode" not in str(e):
-                                    raise      # a real failure, not a missing forward rule
-                                method = "finite_difference"
-                        terms.append(abs(_finite_difference(model, loss, batch, names, z)))
+            terms: list[float] = []
+            k = 0
+            while k < directions or (target_rel_se is not None and k < max_directions
+                                     and relative_standard_error(terms) > target_rel_se):
+                terms += [probe(group, names, b, k) for b in range(len(batches))]
+                k += 1
             scores[group] = sum(terms)
             if probes is not None:
                 probes[group] = terms
     return scores, method
+
+
+def relative_standard_error(terms: Sequence[float]) -> float:
+    """Standard error of the mean of `terms` over their mean (inf when undefined)."""
+    n = len(terms)
+    mean = sum(terms) / n if n else 0.0
+    if n < 2 or mean == 0:
+        return float("inf")
+    sd = (sum((t - mean) ** 2 for t in terms) / (n - 1)) ** 0.5
+    return sd / n ** 0.5 / mean
 
 
 def record_block_outputs(model: nn.Module, paths: Sequence[str], loss: Callable[[dict], torch.Tensor],

@@ -54,6 +54,8 @@ def test_bad_settings_are_clear_errors(write_recipe, registry, tmp_path):
         _run(write_recipe, registry, tmp_path / "c", {"split": "test"})
     with pytest.raises(RecipeError, match="0 < N < M"):
         _run(write_recipe, registry, tmp_path / "d", {"target": 0.5, "pattern": "2:0"})
+    with pytest.raises(RecipeError, match="target_rel_se"):
+        _run(write_recipe, registry, tmp_path / "g", {"allocator": "ecoflap_zo", "target_rel_se": 0.1})
     with pytest.raises(RecipeError, match="below the target"):
         _run(write_recipe, registry, tmp_path / "e", {"target": 0.5, "allocator": "ecoflap_fo",
                                                       "max_sparsity": 0.4})

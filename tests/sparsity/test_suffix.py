@@ -71,3 +71,28 @@ def test_a_changed_control_flow_is_an_error():
     with outputs.replaying(0, ["0"]):
         assert torch.equal(model(torch.zeros(2, 3)), expected)   # replayed, not recomputed
     assert "forward" not in vars(block)                           # restored
+
+
+def test_target_relative_standard_error_adds_directions_until_met():
+    """§3.5: directions are added per block, a round over every batch at a time, until the
+    score's standard error is at most the target share of it (or the cap is reached)."""
+    from mmprune.sparsity.scores import relative_standard_error
+
+    a, batches, task = _tiny("clip")
+    listed = a.layerwise_blocks()[:2]
+    groups = {p: [f"{p}.{n}.weight" for n in linear_layers(a.model.get_submodule(p))]
+              for _, p in listed}
+    loss = lambda b: a.task_loss(b, task).float()
+    one: dict = {}
+    block_jvp_scores(a.model, groups, loss, batches, probes=one)
+    tight: dict = {}
+    block_jvp_scores(a.model, groups, loss, batches, probes=tight, target_rel_se=0.15,
+                     max_directions=6)
+    for g in groups:
+        assert len(one[g]) == len(batches)
+        assert tight[g][:len(batches)] == one[g]      # the same first round: seeded per (b, k)
+        assert len(tight[g]) % len(batches) == 0
+        met = relative_standard_error(tight[g]) <= 0.15
+        assert met or len(tight[g]) == 6 * len(batches)
+        if len(tight[g]) > len(batches):              # it stopped at the first round that met it
+            assert relative_standard_error(tight[g][:-len(batches)]) > 0.15
