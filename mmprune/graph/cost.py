@@ -11,7 +11,7 @@ token entry '<tower>_kv'.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,6 +56,8 @@ class CostModel:
     unit_params: Mapping[str, int]     # group id -> parameters of one unit
     fixed_params: int                  # parameters outside every unit
     tokens: dict[str, float]           # default tokens per example, per tower
+    #: grouped-query groups: parameters of one key / value head (k and v rows)
+    kv_params: Mapping[str, int] = field(default_factory=dict)
 
     def group_flops(self, group: UnitGroup, size: int | None = None,
                     tokens: Mapping[str, float] | None = None) -> float:
@@ -108,9 +110,13 @@ class CostModel:
         return total
 
     def params(self, sizes: Mapping[str, int] | None = None) -> int:
-        return self.fixed_params + sum(
-            self.unit_params[gid] * (g.size if sizes is None else sizes.get(gid, g.size))
-            for gid, g in self.groups.items())
+        total = self.fixed_params
+        for gid, g in self.groups.items():
+            size = g.size if sizes is None else sizes.get(gid, g.size)
+            total += self.unit_params[gid] * size
+            if gid in self.kv_params:
+                total += self.kv_params[gid] * kv_heads_kept(g, size)
+        return total
 
 
 def unit_param_count(model, group: UnitGroup) -> int:
@@ -120,13 +126,13 @@ def unit_param_count(model, group: UnitGroup) -> int:
         d = group.site.head_dim
         per_head = 0
         s = group.site
-        # grouped-query: a query head's share of its key / value head (removed with its last one)
-        share = 1 if s.num_kv_heads is None else s.num_kv_heads / s.num_heads
-        for name, part in zip((s.q,) * 3 if s.fused_qkv else (s.q, s.k, s.v), (1, share, share)):
+        # grouped-query: k and v belong to the KV heads, counted by `kv_head_param_count`
+        names = (s.q,) * 3 if s.fused_qkv else (s.q,) if s.num_kv_heads is not None else (s.q, s.k, s.v)
+        for name in names:
             lin = root.get_submodule(name)
-            per_head += part * (d * lin.in_features + (d if lin.bias is not None else 0))
+            per_head += d * lin.in_features + (d if lin.bias is not None else 0)
         per_head += d * root.get_submodule(group.site.o).out_features
-        return round(per_head)
+        return per_head
     assert isinstance(group, ChannelGroup)
     per = 0
     for name in group.site.fc_in:
@@ -134,3 +140,11 @@ def unit_param_count(model, group: UnitGroup) -> int:
         per += lin.in_features + (1 if lin.bias is not None else 0)
     per += root.get_submodule(group.site.fc_out).out_features
     return per
+
+
+def kv_head_param_count(model, group: HeadGroup) -> int:
+    """Parameters of one key / value head of a grouped-query module (k and v rows)."""
+    s, d = group.site, group.site.head_dim
+    root = model.get_submodule(s.path)
+    return sum(d * lin.in_features + (d if lin.bias is not None else 0)
+               for lin in (root.get_submodule(s.k), root.get_submodule(s.v)))

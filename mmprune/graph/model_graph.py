@@ -10,7 +10,7 @@ import torch
 import torch_pruning as tp
 
 from mmprune.eval_mode import eval_mode
-from mmprune.graph.cost import CostModel, unit_param_count
+from mmprune.graph.cost import CostModel, kv_head_param_count, unit_param_count
 from mmprune.graph.units import ChannelGroup, HeadGroup, TokenSite, UnitGroup
 from mmprune.models.base import Adapter
 
@@ -109,10 +109,13 @@ def trace(adapter: Adapter, tokens: Mapping[str, float] | None = None) -> ModelG
     token_sites = [TokenSite(spec) for spec in adapter.token_sites()]
     towers = {t.name: t for t in adapter.towers()}
     unit_params = {gid: unit_param_count(adapter.model, g) for gid, g in groups.items()}
+    kv_params = {gid: kv_head_param_count(adapter.model, g) for gid, g in groups.items()
+                 if isinstance(g, HeadGroup) and g.site.num_kv_heads is not None}
     total = sum(p.numel() for p in adapter.model.parameters())
-    fixed = total - sum(unit_params[gid] * g.size for gid, g in groups.items())
+    fixed = (total - sum(unit_params[gid] * g.size for gid, g in groups.items())
+             - sum(n * groups[gid].site.num_kv_heads for gid, n in kv_params.items()))
     if tokens is None:
         per = adapter.tokens_per_example(adapter.example_inputs())
         tokens = {k: float(v.mean()) for k, v in per.items()}
-    cost = CostModel(groups, towers, unit_params, fixed, dict(tokens))
+    cost = CostModel(groups, towers, unit_params, fixed, dict(tokens), kv_params)
     return ModelGraph(adapter, groups, token_sites, cost)

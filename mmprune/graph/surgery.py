@@ -39,20 +39,19 @@ def remove_units(graph: ModelGraph, group: UnitGroup, positions: list[int]) -> N
         raise SurgeryError(f"{group.id}: unit positions {positions} outside 0..{group.size - 1}")
     if len(positions) >= group.size:
         raise SurgeryError(f"{group.id}: refusing to remove every unit of the module")
-    if isinstance(group, HeadGroup) and group.site.num_kv_heads not in (None, group.site.num_heads):
-        raise SurgeryError(f"{group.id}: removing grouped-query attention heads is not supported "
-                           "yet (query heads sharing a key / value head); prune its MLP channels, "
-                           "or use prune_layerwise")
     outs, ins = _expected(graph, group)
     idxs = group.channels(positions)
+    drop = set(positions)
+    kept = [k for i, k in enumerate(group.kept) if i not in drop]
     if isinstance(group, HeadGroup) and group.site.fused_qkv:
         _remove_fused_heads(group, outs[0], ins[0], idxs)
+    elif isinstance(group, HeadGroup) and group.site.num_kv_heads is not None:
+        _remove_query_heads(group, outs, ins[0], idxs, kept)
     else:
         _remove_with_dependency_graph(graph, group, outs, ins, idxs)
-    drop = set(positions)
-    group.kept = [k for i, k in enumerate(group.kept) if i not in drop]
+    group.kept = kept
     if isinstance(group, HeadGroup):
-        graph.adapter.set_num_heads(group.site, group.size)
+        graph.adapter.set_heads(group.site, group.kept)
     else:
         graph.adapter.set_mlp_width(group.site, group.size)
     if group.id in graph.nx:
@@ -69,6 +68,28 @@ def _remove_fused_heads(group: HeadGroup, qkv: nn.Module, out: nn.Module, idxs: 
     width = qkv.out_features // 3
     tp.prune_linear_out_channels(qkv, [part * width + i for part in range(3) for i in idxs])
     tp.prune_linear_in_channels(out, idxs)
+
+
+def _remove_query_heads(group: HeadGroup, outs: list[nn.Module], out: nn.Module, idxs: list[int],
+                        kept: list[int]) -> None:
+    """Grouped-query attention: the query heads' rows of q and columns of o, and the rows of k and
+    v of each key / value head whose last query head goes (comp.md §2).
+
+    Cut directly: torch-pruning's dependency graph never finishes grouping q / k through the
+    rotary half-rotation (upstream issue #527), and these four layers are all a head owns.
+    """
+    from mmprune.models.llama_blocks import kv_heads_of
+
+    s = group.site
+    q, k, v = outs
+    tp.prune_linear_out_channels(q, idxs)
+    tp.prune_linear_in_channels(out, idxs)
+    before = kv_heads_of(group.kept, s.num_heads, s.num_kv_heads)
+    after = set(kv_heads_of(kept, s.num_heads, s.num_kv_heads))
+    gone = [i * s.head_dim + j for i, h in enumerate(before) if h not in after for j in range(s.head_dim)]
+    if gone:
+        tp.prune_linear_out_channels(k, gone)
+        tp.prune_linear_out_channels(v, gone)
 
 
 def _remove_with_dependency_graph(graph: ModelGraph, group: UnitGroup, outs: list[nn.Module],

@@ -151,6 +151,11 @@ class Adapter:
         """Update module attributes after heads were removed physically."""
         raise NotImplementedError
 
+    def set_heads(self, site: AttentionSite, kept: list[int]) -> None:
+        """Update module attributes after heads were removed physically; `kept` are the original
+        indices of the heads left (grouped-query attention needs which, not only how many)."""
+        self.set_num_heads(site, len(kept))
+
     def set_mlp_width(self, site: MLPSite, width: int) -> None:
         """Update module attributes after MLP channels were removed physically."""
 

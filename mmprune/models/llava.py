@@ -12,7 +12,7 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from mmprune.errors import MMPruneError
-from mmprune.models import inputs
+from mmprune.models import inputs, llama_blocks
 from mmprune.models.base import Adapter, AttentionSite, MLPSite, TowerSpec
 from mmprune.models.clip import _merge
 
@@ -64,8 +64,9 @@ class LlavaAdapter(Adapter):
 
     # ---- structure
     # `vision`: the CLIP ViT; `language`: the Llama decoder (query heads of its grouped-query
-    # attention, SwiGLU channels). Their blocks are what prune_layerwise sparsifies and what the
-    # cost model counts; removing grouped-query heads (and CoMP on this family) is not built yet.
+    # attention, SwiGLU channels). Their blocks are what prune_layerwise sparsifies, what the
+    # cost model counts and what structured pruning removes; CoMP on this family (token sites
+    # inside the decoder) is not built yet.
     _VIT = "model.vision_tower.encoder.layers"
     _LLM = "model.language_model.layers"
 
@@ -100,6 +101,18 @@ class LlavaAdapter(Adapter):
                                                 + proj.linear_2.in_features * proj.linear_2.out_features)
         return [TowerSpec("vision", vit.hidden_size, patch_embed + projector),
                 TowerSpec("language", llm.hidden_size, 2 * llm.hidden_size * llm.vocab_size)]
+
+    def set_num_heads(self, site: AttentionSite, num_heads: int) -> None:
+        if site.num_kv_heads is not None:
+            raise MMPruneError("grouped-query attention needs the kept heads: use set_heads")
+        att = self.module(site.path)        # CLIP ViT attention
+        att.num_heads = num_heads
+        att.embed_dim = num_heads * att.head_dim
+
+    def set_heads(self, site: AttentionSite, kept: list[int]) -> None:
+        if site.num_kv_heads is None:
+            return self.set_num_heads(site, len(kept))
+        llama_blocks.set_query_heads(self.module(site.path), kept, site.num_heads, site.num_kv_heads)
 
     def example_inputs(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
         spec = self.input_spec()

@@ -1,6 +1,7 @@
 """LLaVA adapter: GQA Llama decoder + CLIP tower, instructions answered by generation."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmprune.data.batching import collate_rows
@@ -81,15 +82,68 @@ def test_prefill_flops_match_the_counter_and_params_the_model():
     assert abs(analytic - fc.get_total_flops()) / fc.get_total_flops() < 0.01
 
 
-def test_grouped_query_heads_are_not_removed_silently():
-    import pytest
+@pytest.mark.parametrize("ratio", [1, 2, 4])
+def test_grouped_query_head_removal_is_exact_against_a_zero_masked_copy(ratio, tmp_path):
+    """Query heads go one by one; a KV head goes with its last query head. Uneven groups (2 and 1
+    query heads on their KV heads) run through the index forward, even ones through HF's own;
+    both equal the dense model with the removed heads' o_proj columns zeroed, teacher-forced and
+    in cached generation."""
+    import copy
 
     from mmprune.graph import remove_units, trace
-    from mmprune.graph.surgery import SurgeryError
 
-    g = trace(make())
-    with pytest.raises(SurgeryError, match="grouped-query"):
-        remove_units(g, g.groups["language.0.attn"], [0])
-    remove_units(g, g.groups["language.0.mlp"], [0, 5])    # SwiGLU channels: gate, up and down
-    mlp = g.adapter.model.model.language_model.layers[0].mlp
-    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == 254
+    model = LlavaAdapter.tiny_model(0, {"text_config": {"num_key_value_heads": 4 // ratio}})
+    a = LlavaAdapter(model, *LlavaAdapter.default_processors(model))
+    masked = copy.deepcopy(model)
+    g = trace(a)
+    removed = {0: [0], 1: [0, 1]}           # layer -> original query heads removed
+    for layer, heads in removed.items():
+        remove_units(g, g.groups[f"language.{layer}.attn"], heads)
+        o = masked.model.language_model.layers[layer].self_attn.o_proj
+        with torch.no_grad():
+            for h in heads:
+                o.weight[:, h * 16:(h + 1) * 16] = 0
+    assert g._dg is None                    # never the dependency graph (upstream issue #527)
+    att = [model.model.language_model.layers[i].self_attn for i in (0, 1)]
+    per = ratio
+    kv_left = [len({h // per for h in range(4) if h not in removed[i]}) for i in (0, 1)]
+    assert [x.k_proj.out_features // 16 for x in att] == kv_left
+    assert [x.q_proj.out_features // 16 for x in att] == [3, 2]
+    assert g.cost.params() == sum(p.numel() for p in model.parameters())
+
+    batch = collate_rows(a, load_task(MiniVLParams(task="instruct", **SIZES))["test"], list(range(6)))
+    keys = ("input_ids", "attention_mask", "pixel_values")
+    with torch.no_grad():
+        got = model(**{k: batch[k] for k in keys}).logits
+        want = masked(**{k: batch[k] for k in keys}).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    b = LlavaAdapter(masked, a.tokenizer, a.image_processor)
+    assert torch.equal(a.generate(batch), b.generate(batch))
+    if ratio == 2:    # a saved pruned model comes back with its uneven groups
+        from mmprune.saved import load_bundle, save
+        save(tmp_path / "m", a, g)
+        again = load_bundle(tmp_path / "m").adapter.model
+        with torch.no_grad():
+            torch.testing.assert_close(again(**{k: batch[k] for k in keys}).logits, got)
+
+
+def test_torch_pruning_never_groups_rotary_q_and_k_so_the_adapter_cuts_them_itself():
+    """The trap (torch-pruning issue #527): asking its dependency graph for the group of a Llama
+    q_proj does not return. `remove_units` never asks (the test above); this shows why."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch_pruning as tp; warnings.filterwarnings('ignore');"
+            "from mmprune.models.llava import LlavaAdapter as A;"
+            "m = A.tiny_model(0); a = A(m, *A.default_processors(m)); x = a.example_inputs();"
+            "dg = tp.DependencyGraph().build_dependency(m, example_inputs={k: x[k] for k in "
+            "('input_ids', 'attention_mask', 'pixel_values')}, output_transform=lambda o: o.logits.sum());"
+            "print('built', flush=True);"
+            "dg.get_pruning_group(m.model.language_model.layers[0].self_attn.q_proj, "
+            "tp.prune_linear_out_channels, idxs=list(range(16))); print('grouped', flush=True)")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=25)
+        stdout = out.stdout
+    except subprocess.TimeoutExpired as e:
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    assert "built" in stdout and "grouped" not in stdout
