@@ -176,7 +176,7 @@ class PruneLayerwise(Pass):
         if not batches:
             raise MMPruneError(f"prune_layerwise: split '{p.split}' has fewer than "
                                f"{p.allocation_batch_size} examples for the block scores")
-        loss = lambda batch: ctx.adapter.task_loss(batch, ctx.task).float()
+        loss = lambda batch: _seeded_loss(ctx, batch)
         params = dict(ctx.model.named_parameters())
         sizes = {g: sum(params[n].numel() for n in names) for g, names in groups.items()}
         if p.allocator == "owl":
@@ -239,6 +239,15 @@ class PruneLayerwise(Pass):
         if self.params.budget_scope == "joint":
             return [blocks]
         return [[b for b in blocks if b.tower == t] for t in dict.fromkeys(b.tower for b in blocks)]
+
+
+def _seeded_loss(ctx: Context, batch: dict) -> torch.Tensor:
+    """The task loss with the global RNG reset to the run seed for each call: losses that sample
+    (BLIP's hard ITM negatives) draw the same samples in every probe of a batch (common random
+    numbers), so score differences are the perturbation's, not the sampler's."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed)
+        return ctx.adapter.task_loss(batch, ctx.task).float()
 
 
 def _sum_standard_error(terms: list[float]) -> float | None:

@@ -249,3 +249,21 @@ def linear_layers_of(out, block: str):
     from mmprune.sparsity.sequential import linear_layers
     model = load_bundle(out / "model").adapter.model
     return linear_layers(model.get_submodule(block))
+
+
+def test_block_score_losses_draw_the_same_hard_negatives_in_every_probe():
+    """BLIP's ITM loss samples hard negatives: unseeded, two calls on the same weights differ, and
+    a two-point difference would measure the sampler. The allocator's loss reseeds per call."""
+    from types import SimpleNamespace
+
+    from mmprune.models.blip import BlipRetrievalAdapter
+    from mmprune.passes.layerwise import _seeded_loss
+
+    model = BlipRetrievalAdapter.tiny_model(0)
+    a = BlipRetrievalAdapter(model, *BlipRetrievalAdapter.default_processors(model))
+    batch = a.example_inputs(8)
+    with torch.no_grad():
+        raw = {float(a.task_loss(batch, "retrieval")) for _ in range(6)}
+        ctx = SimpleNamespace(adapter=a, task="retrieval", seed=0)
+        seeded = {float(_seeded_loss(ctx, batch)) for _ in range(6)}
+    assert len(raw) > 1 and len(seeded) == 1
