@@ -34,9 +34,8 @@ def kv_heads_kept(group: HeadGroup, size: int) -> int | None:
     if site.num_kv_heads is None:
         return None
     per = site.num_heads // site.num_kv_heads
-    if size == group.size:
-        return len({k // per for k in group.kept})
-    return min(site.num_kv_heads, size)
+    now = len({k // per for k in group.kept})
+    return now if size == group.size else min(now, size)
 
 
 def cross_attention_flops(queries, keys, hidden: int, kv_hidden: int, heads: int, head_dim: int):
@@ -73,8 +72,9 @@ class CostModel:
         return mlp_flops(n, d, size, len(group.site.fc_in))
 
     def unit_flops(self, group: UnitGroup, tokens: Mapping[str, float] | None = None) -> float:
-        """FLOPs one unit of `group` costs per example."""
-        return self.group_flops(group, 1, tokens)
+        """FLOPs one unit of `group` costs per example: the group's FLOPs per kept unit (every
+        term is linear in units, except grouped-query k / v, shared by a KV head's query heads)."""
+        return self.group_flops(group, None, tokens) / max(group.size, 1)
 
     def flops(self, tokens: Mapping[str, float] | None = None,
               sizes: Mapping[str, int] | None = None, tower: str | None = None) -> float:

@@ -127,8 +127,10 @@ class Adapter:
 
     def downstream_towers(self, tower: str) -> set[str]:
         """Towers whose blocks read `tower`'s outputs, directly or not, in the forward that
-        block scores probe (default: every tower listed after it in `layerwise_blocks`; exact for
-        a chain of towers, only conservative otherwise)."""
+        block scores probe; suffix recomputation replays every other tower's blocks, so a
+        missing tower here makes block scores wrong. Default: every tower listed after it in
+        `layerwise_blocks`, which is right when towers are listed in data-flow order (a tower
+        never reads one listed after it); adapters whose towers run side by side narrow it."""
         order = list(dict.fromkeys(t for t, _ in self.layerwise_blocks()))
         return set(order[order.index(tower) + 1:]) if tower in order else set()
 

@@ -25,6 +25,7 @@ from mmprune.sparsity.scores import (
     outlier_ratios,
     owl_sparsities,
     record_block_outputs,
+    relative_standard_error,
     zeroth_order_scores,
 )
 from mmprune.sparsity.sequential import Block, linear_layers, prune_sequential
@@ -165,6 +166,8 @@ class PruneLayerwise(Pass):
         """Block path -> sparsity: the target everywhere, or ECoFLaP's scores water-filled under
         one exact budget (joint, or per tower)."""
         p = self.params
+        for key in ("block_scores", "block_score_se", "block_score_passes"):
+            ctx.state.pop(key, None)          # an earlier pass's, not this allocation's
         if p.allocator == "from_file":
             return _read_ratios(p.sparsity_from, blocks)
         if p.allocator == "uniform" or p.target == 0:
@@ -214,7 +217,8 @@ class PruneLayerwise(Pass):
         ctx.state["block_scores"] = scores
         ctx.state["block_score_passes"] = passes
         if probes:    # §3.5: each score's standard error over its (batch, direction) terms
-            ctx.state["block_score_se"] = {g: _sum_standard_error(t) for g, t in probes.items()}
+            rounds = len(batches) * p.zo_directions      # the score's scale (see block_jvp_scores)
+            ctx.state["block_score_se"] = {g: _score_standard_error(t, rounds) for g, t in probes.items()}
         return ratios
 
 
@@ -245,19 +249,16 @@ def _seeded_loss(ctx: Context, batch: dict) -> torch.Tensor:
     """The task loss with the global RNG reset to the run seed for each call: losses that sample
     (BLIP's hard ITM negatives) draw the same samples in every probe of a batch (common random
     numbers), so score differences are the perturbation's, not the sampler's."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():
         torch.manual_seed(ctx.seed)
         return ctx.adapter.task_loss(batch, ctx.task).float()
 
 
-def _sum_standard_error(terms: list[float]) -> float | None:
-    """Standard error of a score that sums n probe terms: n · sd / √n (None for one term)."""
-    n = len(terms)
-    if n < 2:
-        return None
-    mean = sum(terms) / n
-    sd = (sum((t - mean) ** 2 for t in terms) / (n - 1)) ** 0.5
-    return n * sd / n ** 0.5
+def _score_standard_error(terms: list[float], scale: int) -> float | None:
+    """Standard error of a score that is `scale` times the mean of its probe terms (None for a
+    single term)."""
+    rel = relative_standard_error(terms)
+    return None if rel == float("inf") else rel * sum(terms) / len(terms) * scale
 
 
 def _read_ratios(path: str, blocks: list[Block]) -> dict[str, float]:

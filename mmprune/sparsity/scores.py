@@ -191,15 +191,21 @@ def block_jvp_scores(model: nn.Module, groups: Groups, loss: Callable[[dict], to
     def probe(group: str, names: Sequence[str], b: int, k: int) -> float:
         nonlocal method
         z = [_direction(params[n], seed, f"{group}/{n}", b, k) for n in names]
-        with suffix[0].replaying(b, suffix[1][group]) if suffix else nullcontext():
-            if method == "jvp":
-                try:
-                    return abs(directional_derivative(model, loss, batches[b], names, z))
-                except (RuntimeError, NotImplementedError) as e:
-                    if "forward AD" not in str(e) and "forward-mode" not in str(e):
-                        raise      # a real failure, not a missing forward rule
-                    method = "finite_difference"
-            return abs(_finite_difference(model, loss, batches[b], names, z))
+        if suffix:        # every loss evaluation replays from the start of the batch's record
+            def probe_loss(batch):
+                with suffix[0].replaying(b, suffix[1][group]):
+                    return loss(batch)
+        else:
+            probe_loss = loss
+        if method == "jvp":
+            try:
+                return abs(directional_derivative(model, probe_loss, batches[b], names, z))
+            except (RuntimeError, NotImplementedError) as e:
+                if "forward AD" not in str(e) and "forward-mode" not in str(e):
+                    raise          # a real failure, not a missing forward rule
+                method = "finite_difference"
+        with sdpa_kernel([SDPBackend.MATH]):     # as the recorded outputs were computed
+            return abs(_finite_difference(model, probe_loss, batches[b], names, z))
 
     with eval_mode(model):
         for group, names in progress(list(groups.items()), "block scores", len(groups)):
@@ -209,7 +215,8 @@ def block_jvp_scores(model: nn.Module, groups: Groups, loss: Callable[[dict], to
                                      and relative_standard_error(terms) > target_rel_se):
                 terms += [probe(group, names, b, k) for b in range(len(batches))]
                 k += 1
-            scores[group] = sum(terms)
+            # on the scale of `directions` rounds, whatever number this group needed
+            scores[group] = sum(terms) * directions / k
             if probes is not None:
                 probes[group] = terms
     return scores, method

@@ -74,13 +74,17 @@ class BlockOutputs:
                 return _detached(out, clone=True)   # callers may modify what they get in place
             return forward
 
+        own = {p: vars(self.modules[p]).get("forward") for p in skip}   # instance-level forwards
         for p in skip:
             self.modules[p].forward = replay(p)
         try:
             yield
         finally:
             for p in skip:
-                del self.modules[p].forward     # back to the class's forward
+                if own[p] is None:
+                    del self.modules[p].forward     # back to the class's forward
+                else:
+                    self.modules[p].forward = own[p]
         short = [p for p in skip if used[p] != len(self.calls[key][p])]
         if short:
             raise RuntimeError(f"suffix recomputation: {short[0]} was called fewer times than "

@@ -40,11 +40,41 @@ def test_replayed_probes_give_the_full_forward_scores(family):
     skip = skipped_blocks(listed, {t: a.downstream_towers(t) for t in towers})
     fast, _ = block_jvp_scores(a.model, groups, loss, batches, suffix=(outputs, skip))
     assert fast == pytest.approx(full, rel=1e-5)
+    # the replay is what the probes used: corrupt one recorded output and their scores move
+    last = listed[-1][1]
+    with torch.no_grad():
+        for _, p in listed[:-1]:
+            out = outputs.calls[0][p][0]
+            (out if torch.is_tensor(out) else out[0]).mul_(1.5)
+    moved, _ = block_jvp_scores(a.model, groups, loss, batches, suffix=(outputs, skip))
+    assert moved[last] != pytest.approx(full[last], rel=1e-3)
     # and the replay really skipped work: the last block of the first tower skips all before it
     first = [p for t, p in listed if t == listed[0][0]]
     assert set(first[:-1]) <= set(skip[first[-1]])
     if family == "clip":      # a dual encoder: a vision probe never runs the text tower
         assert all(p in skip[first[0]] for t, p in listed if t == "language")
+
+
+def test_finite_difference_fallback_replays_per_loss_evaluation(monkeypatch):
+    """Where forward-mode AD is missing, each probe takes two loss evaluations; each replays the
+    batch's record from its start, and the scores equal the fallback's without replay."""
+    import mmprune.sparsity.scores as scores
+
+    def no_forward_ad(*args, **kwargs):
+        raise RuntimeError("this op has no forward AD formula")
+
+    monkeypatch.setattr(scores, "directional_derivative", no_forward_ad)
+    a, batches, task = _tiny("clip")
+    listed = a.layerwise_blocks()
+    groups = {p: [f"{p}.{n}.weight" for n in linear_layers(a.model.get_submodule(p))]
+              for _, p in listed}
+    loss = lambda b: a.task_loss(b, task).float()
+    full, method = block_jvp_scores(a.model, groups, loss, batches)
+    assert method == "finite_difference"
+    outputs = record_block_outputs(a.model, [p for _, p in listed], loss, batches)
+    skip = skipped_blocks(listed, {t: a.downstream_towers(t) for t in ("vision", "language")})
+    fast, _ = block_jvp_scores(a.model, groups, loss, batches, suffix=(outputs, skip))
+    assert fast == pytest.approx(full, rel=1e-4)
 
 
 def test_skipped_blocks_follow_tower_order():
@@ -88,7 +118,11 @@ def test_target_relative_standard_error_adds_directions_until_met():
     tight: dict = {}
     block_jvp_scores(a.model, groups, loss, batches, probes=tight, target_rel_se=0.15,
                      max_directions=6)
+    scores, _ = block_jvp_scores(a.model, groups, loss, batches, target_rel_se=0.15,
+                                 max_directions=6)
     for g in groups:
+        # a block that needed more directions is not scored higher for it: one round's scale
+        assert scores[g] == pytest.approx(sum(tight[g]) / len(tight[g]) * len(batches))
         assert len(one[g]) == len(batches)
         assert tight[g][:len(batches)] == one[g]      # the same first round: seeded per (b, k)
         assert len(tight[g]) % len(batches) == 0
