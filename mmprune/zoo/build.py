@@ -16,6 +16,7 @@ from mmprune.data.batching import iterate_batches
 from mmprune.data.minivl.source import MiniVLParams, cache_root, code_hash, load_task
 from mmprune.errors import MMPruneError, did_you_mean
 from mmprune.zoo.catalog import CATALOG, ZooEntry
+from mmprune.zoo.convert import convert
 from mmprune.zoo.train import train
 
 MANIFEST = "manifest.json"
@@ -55,9 +56,10 @@ def evaluate_split(adapter, ds, task: str, batch_size: int = 128) -> dict[str, f
         return adapter.evaluate(iterate_batches(adapter, ds, batch_size), task)
 
 
-def initialise(model, e: ZooEntry, log) -> dict:
+def initialise(model, e: ZooEntry, log, sample: dict | None = None) -> dict:
     """Copy weights from the zoo model (or directory) `e.init_from`: `e.init_map` maps each target
-    prefix to the source prefix it is copied from.
+    prefix to the source prefix it is copied from, after `e.init_convert` (if any) rewrote the
+    parent's weights into this architecture's names.
 
     The way real VLMs start: LLaVA from a trained CLIP ViT, BLIP's VQA and NLVR models from the
     pre-trained BLIP. Every mapped source tensor must land on a same-shaped target.
@@ -69,6 +71,8 @@ def initialise(model, e: ZooEntry, log) -> dict:
     # through from_pretrained, not the file: transformers may store other key names on disk
     parent = get_registry().models[json.loads((src / MANIFEST).read_text())["family"]]
     weights = parent.model_class.from_pretrained(src).state_dict()
+    if e.init_convert:
+        weights = convert(e.init_convert, weights, sample)
     target = model.state_dict()
     copied = {}
     for new, old in e.init_map.items():
@@ -101,10 +105,14 @@ def build(name: str, *, force: bool = False, progress: bool = True, log=print,
     cls = get_registry().models[e.family]
     data = load_task(MiniVLParams(task=e.task, **e.data))
     model = cls.tiny_model(0, e.config)
-    initialised = initialise(model, e, log) if e.init_from else {}
     adapter = cls(model, *cls.default_processors(model))
     if adapter.tokenizer is None:
         raise MMPruneError(f"zoo model '{name}': its config does not fit the MiniVL tokenizer.")
+    if e.init_from:
+        sample = next(iter(iterate_batches(adapter, data["train"], 256))) if e.init_convert else None
+        initialised = initialise(model, e, log, sample)
+    else:
+        initialised = {}
     log(f"building zoo model {name}: {e.steps} steps of {e.batch_size} on MiniVL {e.task}")
     t0 = time.perf_counter()
     losses = train(adapter, data["train"], e.task, steps=e.steps, batch_size=e.batch_size, lr=e.lr,

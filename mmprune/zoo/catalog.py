@@ -20,6 +20,8 @@ class ZooEntry:
     #: start from another zoo model's weights (its name, or a directory): {prefix: source prefix}
     init_from: str | None = None
     init_map: dict = field(default_factory=dict)
+    #: a converter of `mmprune.zoo.convert` applied to the parent's weights first (another family)
+    init_convert: str | None = None
     #: parameter-name prefixes kept frozen (LLaVA trains its projector and LLM, not its ViT)
     freeze: tuple[str, ...] = ()
 
@@ -34,8 +36,9 @@ def _clip_config(width: int, layers: int, heads: int) -> dict:
 def _blip_config(width: int, layers: int, heads: int) -> dict:
     tower = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
                  num_attention_heads=heads)
+    # quick_gelu: the ViT starts from clip-minivl's, trained with it
     return dict(text_config=dict(tower, vocab_size=128, max_position_embeddings=40),
-                vision_config=dict(tower, image_size=64, patch_size=8),
+                vision_config=dict(tower, image_size=64, patch_size=8, hidden_act="quick_gelu"),
                 image_text_hidden_size=width, projection_dim=width)
 
 
@@ -64,19 +67,22 @@ CATALOG: dict[str, ZooEntry] = {e.name: e for e in [
              description="clip-minivl fine-tuned on scenes of real handwritten digits "
                          "(scikit-learn's), captioned by digit and position",
              init_from="clip-minivl", init_map={"": ""}),
-    # at 1e-3 it collapsed to chance; 5e-4 learns, but slowly (see BENCHMARKS.md)
-    ZooEntry("blip-minivl", "blip", "retrieval", _blip_config(96, 4, 4), steps=450,
+    # its ViT starts from clip-minivl's (converted, see mmprune.zoo.convert): from scratch, 450
+    # steps left it nearly blind (test R@1 2.0); at 1e-3 it collapsed to chance
+    ZooEntry("blip-minivl", "blip", "retrieval", _blip_config(128, 4, 4), steps=400,
              batch_size=48, lr=5e-4,
-             description="BlipForImageTextRetrieval, ViT 4x96 + BERT-style text encoder 4x96 with "
-                         "cross-attention; ITC + ITM (hard negatives) on MiniVL retrieval, "
-                         "evaluated by ITC then ITM re-ranking of the top 8"),
-    ZooEntry("blip-minivl-nlvr", "blip", "nlvr", _blip_config(96, 4, 4), steps=450,
+             description="BlipForImageTextRetrieval, ViT 4x128 (from clip-minivl's) + BERT-style "
+                         "text encoder 4x128 with cross-attention; ITC + ITM (hard negatives) on "
+                         "MiniVL retrieval, evaluated by ITC then ITM re-ranking of the top 8",
+             init_from="clip-minivl", init_convert="clip_vision_to_blip",
+             init_map={"vision_model.": "vision_model.", "vision_proj.": "vision_proj."}),
+    ZooEntry("blip-minivl-nlvr", "blip", "nlvr", _blip_config(128, 4, 4), steps=300,
              batch_size=48, lr=5e-4,
              description="BlipForImageTextRetrieval on MiniVL nlvr, fine-tuned from blip-minivl: the "
                          "image pair stitched side by side (129 vision tokens), the ITM head as the "
                          "true / false classifier",
              init_from="blip-minivl", init_map=_BLIP_ALL),
-    ZooEntry("blip-minivl-vqa", "blip-vqa", "vqa", _blip_config(96, 4, 4), steps=500,
+    ZooEntry("blip-minivl-vqa", "blip-vqa", "vqa", _blip_config(128, 4, 4), steps=400,
              batch_size=48, lr=5e-4,
              description="BlipForQuestionAnswering (vision, text encoder, answer decoder) on MiniVL "
                          "vqa, fine-tuned from blip-minivl (its text encoder also starts the answer "

@@ -79,6 +79,15 @@ def test_blip_fine_tunes_start_from_the_pretrained_blip(smoke_builds):
         assert m["initialised_from"]["params"] > 500_000
 
 
+def test_blip_starts_from_the_clip_vit(smoke_builds):
+    """blip-minivl's ViT is clip-minivl's, converted: every block and the projection (the
+    embeddings too, with CLIP's first norm folded in)."""
+    m = json.loads((smoke_builds["blip-minivl"] / MANIFEST).read_text())
+    assert m["initialised_from"]["source"] == "clip-minivl"
+    vit_blocks = 4 * 12   # qkv, projection, 2 norms, 2 MLP Linears; weight and bias each
+    assert m["initialised_from"]["tensors"] == vit_blocks + 4 + 2 + 2   # embeddings, post norm, proj
+
+
 def test_build_is_cached_and_not_repeated(smoke_builds, tmp_path):
     name = next(iter(CATALOG))
     before = (smoke_builds[name] / MANIFEST).stat().st_mtime_ns
