@@ -150,3 +150,30 @@ def test_torch_pruning_never_groups_rotary_q_and_k_so_the_adapter_cuts_them_itse
     out = hung.value.stdout
     out = out.decode() if isinstance(out, bytes) else (out or "")
     assert "built" in out and "grouped" not in out     # the graph was built; grouping never ended
+
+
+def test_swiglu_channels_and_vit_heads_are_removed_exactly():
+    """Gate, up and down together (through torch-pruning's graph, which handles the MLP), and
+    ViT heads: equal to the dense model with those channels' down_proj columns and heads'
+    out_proj columns zeroed."""
+    import copy
+
+    from mmprune.graph import remove_units, trace
+
+    model = LlavaAdapter.tiny_model(0)
+    a = LlavaAdapter(model, *LlavaAdapter.default_processors(model))
+    masked = copy.deepcopy(model)
+    g = trace(a)
+    remove_units(g, g.groups["language.0.mlp"], [0, 5, 17])
+    remove_units(g, g.groups["vision.1.attn"], [2])
+    mlp = model.model.language_model.layers[0].mlp
+    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == 253
+    with torch.no_grad():
+        masked.model.language_model.layers[0].mlp.down_proj.weight[:, [0, 5, 17]] = 0
+        masked.model.vision_tower.encoder.layers[1].self_attn.out_proj.weight[:, 32:48] = 0
+    assert g.cost.params() == sum(p.numel() for p in model.parameters())
+    batch = collate_rows(a, load_task(MiniVLParams(task="instruct", **SIZES))["test"], [0, 1, 2])
+    keys = ("input_ids", "attention_mask", "pixel_values")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**{k: batch[k] for k in keys}).logits,
+                                   masked(**{k: batch[k] for k in keys}).logits, rtol=1e-4, atol=1e-5)
