@@ -1,6 +1,6 @@
 """ECoFLaP and the layer-wise family at several sparsities (BENCHMARKS.md, ECoFLaP table).
 
-    .venv/bin/python benchmarks/ecoflap_table.py [--tasks clip:retrieval blip:nlvr llava:instruct]
+    .venv/bin/python benchmarks/ecoflap_table.py [--tasks clip:retrieval blip:retrieval llava:instruct]
                                                  [--sparsities 0.4 0.5 0.6 0.7] [--methods ...]
 
 Every row is `recipes/ecoflap_<family>.yaml` with the allocator, criterion and target changed,
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ecoflap.json"
 #: family:task -> (recipe, zoo model)
 TASKS = {"clip:retrieval": ("ecoflap_clip.yaml", "clip-minivl"),
-         "blip:nlvr": ("ecoflap_blip.yaml", "blip-minivl-nlvr"),
+         "blip:retrieval": ("ecoflap_blip.yaml", "blip-minivl"),
          "llava:instruct": ("ecoflap_llava.yaml", "llava-minivl")}
 #: method -> (allocator, criterion)
 METHODS = {"magnitude": ("uniform", "magnitude"), "wanda": ("uniform", "wanda"),
