@@ -30,11 +30,9 @@ def kv_heads_kept(group: HeadGroup, size: int) -> int | None:
     """Key / value heads a grouped-query module keeps with `size` query heads: those with a kept
     query head. For a hypothetical size the kept set is unknown, and every group that could still
     have a head is counted (an upper bound)."""
-    site = group.site
-    if site.num_kv_heads is None:
+    if group.site.num_kv_heads is None:
         return None
-    per = site.num_heads // site.num_kv_heads
-    now = len({k // per for k in group.kept})
+    now = len(group.site.kv_heads(group.kept))
     return now if size == group.size else min(now, size)
 
 

@@ -78,14 +78,11 @@ def _remove_query_heads(group: HeadGroup, outs: list[nn.Module], out: nn.Module,
     Cut directly: torch-pruning's dependency graph never finishes grouping q / k through the
     rotary half-rotation (upstream issue #527), and these four layers are all a head owns.
     """
-    from mmprune.models.llama_blocks import kv_heads_of
-
     s = group.site
     q, k, v = outs
     tp.prune_linear_out_channels(q, idxs)
     tp.prune_linear_in_channels(out, idxs)
-    before = kv_heads_of(group.kept, s.num_heads, s.num_kv_heads)
-    after = set(kv_heads_of(kept, s.num_heads, s.num_kv_heads))
+    before, after = s.kv_heads(group.kept), set(s.kv_heads(kept))
     gone = [i * s.head_dim + j for i, h in enumerate(before) if h not in after for j in range(s.head_dim)]
     if gone:
         tp.prune_linear_out_channels(k, gone)

@@ -38,6 +38,14 @@ class AttentionSite:
     #: consecutive query heads (None: one per query head). The units are the query heads.
     num_kv_heads: int | None = None
 
+    def kv_head_of(self, head: int) -> int:
+        """The original key / value head original query head `head` reads (grouped-query)."""
+        return head // (self.num_heads // self.num_kv_heads)
+
+    def kv_heads(self, kept: list[int]) -> list[int]:
+        """Original key / value heads still read by the original query heads `kept`."""
+        return sorted({self.kv_head_of(h) for h in kept})
+
 
 @dataclass(frozen=True)
 class MLPSite:

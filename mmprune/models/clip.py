@@ -50,6 +50,12 @@ def recall_at_k(sim: torch.Tensor, k: int) -> float:
     return float(hit.float().mean() * 100)
 
 
+def set_attention_heads(attention, num_heads: int) -> None:
+    """HF `CLIPAttention`'s attributes after heads were removed (also LLaVA's CLIP tower)."""
+    attention.num_heads = num_heads
+    attention.embed_dim = num_heads * attention.head_dim  # attention width; the residual's is unchanged
+
+
 class CLIPAdapter(Adapter):
     name = "clip"
     model_types = ("clip",)
@@ -125,9 +131,7 @@ class CLIPAdapter(Adapter):
         return set()   # a dual encoder: the towers meet only in the loss
 
     def set_num_heads(self, site: AttentionSite, num_heads: int) -> None:
-        att = self.module(site.path)
-        att.num_heads = num_heads
-        att.embed_dim = num_heads * att.head_dim  # attention width; the residual width is unchanged
+        set_attention_heads(self.module(site.path), num_heads)
 
     # ---- data and task
     def input_spec(self) -> dict:

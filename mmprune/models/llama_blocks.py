@@ -17,19 +17,15 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-
-def kv_heads_of(kept: list[int], num_heads: int, num_kv_heads: int) -> list[int]:
-    """Original KV heads still read by the original query heads `kept`."""
-    per = num_heads // num_kv_heads
-    return sorted({h // per for h in kept})
+from mmprune.models.base import AttentionSite
 
 
-def set_query_heads(attention: nn.Module, kept: list[int], num_heads: int, num_kv_heads: int) -> None:
+def set_query_heads(attention: nn.Module, site: AttentionSite, kept: list[int]) -> None:
     """Fit `attention`'s attributes (and, for uneven groups, its forward) to the original query
-    heads `kept`, whose projections were already cut."""
-    per = num_heads // num_kv_heads
-    kv = kv_heads_of(kept, num_heads, num_kv_heads)
-    counts = [sum(1 for h in kept if h // per == g) for g in kv]
+    heads `kept` of grouped-query `site`, whose projections were already cut."""
+    groups = [site.kv_head_of(h) for h in kept]
+    kv = site.kv_heads(kept)
+    counts = [groups.count(g) for g in kv]
     if len(set(counts)) == 1:         # even groups: HF's own forward repeats each KV head
         attention.num_key_value_groups = counts[0]
         vars(attention).pop("forward", None)
@@ -37,7 +33,7 @@ def set_query_heads(attention: nn.Module, kept: list[int], num_heads: int, num_k
             del attention.kv_index
         return
     attention.num_key_value_groups = 1
-    index = torch.tensor([kv.index(h // per) for h in kept], device=attention.q_proj.weight.device)
+    index = torch.tensor([kv.index(g) for g in groups], device=attention.q_proj.weight.device)
     if hasattr(attention, "kv_index"):
         attention.kv_index = index
     else:

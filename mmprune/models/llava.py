@@ -14,7 +14,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 from mmprune.errors import MMPruneError
 from mmprune.models import inputs, llama_blocks
 from mmprune.models.base import Adapter, AttentionSite, MLPSite, TowerSpec
-from mmprune.models.clip import _merge
+from mmprune.models.clip import _merge, set_attention_heads
 
 IMAGE_TOKEN = "<image>"
 ANSWER_CUE = "answer:"
@@ -105,14 +105,12 @@ class LlavaAdapter(Adapter):
     def set_num_heads(self, site: AttentionSite, num_heads: int) -> None:
         if site.num_kv_heads is not None:
             raise MMPruneError("grouped-query attention needs the kept heads: use set_heads")
-        att = self.module(site.path)        # CLIP ViT attention
-        att.num_heads = num_heads
-        att.embed_dim = num_heads * att.head_dim
+        set_attention_heads(self.module(site.path), num_heads)     # the CLIP ViT
 
     def set_heads(self, site: AttentionSite, kept: list[int]) -> None:
         if site.num_kv_heads is None:
             return self.set_num_heads(site, len(kept))
-        llama_blocks.set_query_heads(self.module(site.path), kept, site.num_heads, site.num_kv_heads)
+        llama_blocks.set_query_heads(self.module(site.path), site, kept)
 
     def example_inputs(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
         spec = self.input_spec()

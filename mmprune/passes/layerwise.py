@@ -152,7 +152,7 @@ class PruneLayerwise(Pass):
         attach_masks(ctx.model, masks)
         ctx.state["sparsity"] = {**sparsity_summary(ctx, blocks, masks), "allocator": p.allocator,
                                  "blocks": ratios}
-        for key in ("block_scores", "block_score_se", "block_score_passes"):
+        for key in _SCORE_KEYS:
             if key in ctx.state:
                 ctx.state["sparsity"][key.removeprefix("block_")] = ctx.state[key]
         if ctx.run_dir is not None:
@@ -166,7 +166,7 @@ class PruneLayerwise(Pass):
         """Block path -> sparsity: the target everywhere, or ECoFLaP's scores water-filled under
         one exact budget (joint, or per tower)."""
         p = self.params
-        for key in ("block_scores", "block_score_se", "block_score_passes"):
+        for key in _SCORE_KEYS:
             ctx.state.pop(key, None)          # an earlier pass's, not this allocation's
         if p.allocator == "from_file":
             return _read_ratios(p.sparsity_from, blocks)
@@ -243,6 +243,10 @@ class PruneLayerwise(Pass):
         if self.params.budget_scope == "joint":
             return [blocks]
         return [[b for b in blocks if b.tower == t] for t in dict.fromkeys(b.tower for b in blocks)]
+
+
+#: what an allocation leaves in ctx.state (and the Sparsity report section shows)
+_SCORE_KEYS = ("block_scores", "block_score_se", "block_score_passes")
 
 
 def _seeded_loss(ctx: Context, batch: dict) -> torch.Tensor:
