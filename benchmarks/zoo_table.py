@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from results_file import replace_rows
+
 from mmprune.data.batching import collate_rows
 from mmprune.data.minivl.source import MiniVLParams, load_task
 from mmprune.measure import latencies_ms
@@ -63,11 +65,12 @@ def main(names: list[str]) -> None:
     (HERE / "results").mkdir(exist_ok=True)
     out = HERE / "results" / "zoo.json"
     # rows of models not measured this time are kept (a run for one model replaces only its rows)
-    measured = {(r["name"], r["task"]) for r in rows}
-    kept = [r for r in json.loads(out.read_text())["rows"] if (r["name"], r["task"]) not in measured] \
-        if out.exists() and names else []
+    if out.exists() and names:
+        rows_out = replace_rows(json.loads(out.read_text())["rows"], rows, ("name", "task"))
+    else:
+        rows_out = rows
     out.write_text(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "rows": kept + rows}, indent=2))
+                               "rows": rows_out}, indent=2))
     print("| model | task | test metrics | params | FLOPs / example | latency (batch 32) | train time |")
     print("|---|---|---|---:|---:|---:|---:|")
     for x in rows:
