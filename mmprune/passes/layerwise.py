@@ -28,7 +28,7 @@ from mmprune.sparsity.scores import (
     relative_standard_error,
     zeroth_order_scores,
 )
-from mmprune.sparsity.sequential import Block, linear_layers, prune_sequential
+from mmprune.sparsity.sequential import Block, block_weight_names, linear_layers, prune_sequential
 from mmprune.sparsity.suffix import skipped_blocks
 
 
@@ -172,8 +172,7 @@ class PruneLayerwise(Pass):
             return _read_ratios(p.sparsity_from, blocks)
         if p.allocator == "uniform" or p.target == 0:
             return {b.path: p.target for b in blocks}
-        groups = {b.path: [f"{b.path}.{n}.weight" for n in linear_layers(ctx.model.get_submodule(b.path))]
-                  for b in blocks}
+        groups = {b.path: block_weight_names(ctx.model, b.path) for b in blocks}
         batches = list(ctx.batches(p.split, p.allocation_batch_size, max_examples=p.allocation_samples,
                                    shuffle=True, seed=ctx.seed + 1, drop_last=True))
         if not batches:

@@ -71,6 +71,11 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+def block_weight_names(model: nn.Module, path: str) -> list[str]:
+    """Parameter names of the Linear weights inside the block at `path` (a block score's group)."""
+    return [f"{path}.{n}.weight" for n in linear_layers(model.get_submodule(path))]
+
+
 @contextmanager
 def collecting_inputs(layers: Mapping[Hashable, nn.Module], stats: Mapping[Hashable, InputStats],
                       token_mask: Callable[[Hashable], torch.Tensor | None]) -> Iterator[None]:

@@ -8,7 +8,7 @@ import torch
 from mmprune.data.batching import iterate_batches
 from mmprune.data.minivl.source import MiniVLParams, load_task
 from mmprune.sparsity.scores import block_jvp_scores, record_block_outputs
-from mmprune.sparsity.sequential import linear_layers
+from mmprune.sparsity.sequential import block_weight_names
 from mmprune.sparsity.suffix import skipped_blocks
 from tests.conftest import make_adapter
 
@@ -31,8 +31,7 @@ def _tiny(family: str):
 def test_replayed_probes_give_the_full_forward_scores(family):
     a, batches, task = _tiny(family)
     listed = a.layerwise_blocks()
-    groups = {p: [f"{p}.{n}.weight" for n in linear_layers(a.model.get_submodule(p))]
-              for _, p in listed}
+    groups = {p: block_weight_names(a.model, p) for _, p in listed}
     loss = lambda b: a.task_loss(b, task).float()
     full, _ = block_jvp_scores(a.model, groups, loss, batches)
     outputs = record_block_outputs(a.model, [p for _, p in listed], loss, batches)
@@ -66,8 +65,7 @@ def test_finite_difference_fallback_replays_per_loss_evaluation(monkeypatch):
     monkeypatch.setattr(scores, "directional_derivative", no_forward_ad)
     a, batches, task = _tiny("clip")
     listed = a.layerwise_blocks()
-    groups = {p: [f"{p}.{n}.weight" for n in linear_layers(a.model.get_submodule(p))]
-              for _, p in listed}
+    groups = {p: block_weight_names(a.model, p) for _, p in listed}
     loss = lambda b: a.task_loss(b, task).float()
     full, method = block_jvp_scores(a.model, groups, loss, batches)
     assert method == "finite_difference"
@@ -110,8 +108,7 @@ def test_target_relative_standard_error_adds_directions_until_met():
 
     a, batches, task = _tiny("clip")
     listed = a.layerwise_blocks()[:2]
-    groups = {p: [f"{p}.{n}.weight" for n in linear_layers(a.model.get_submodule(p))]
-              for _, p in listed}
+    groups = {p: block_weight_names(a.model, p) for _, p in listed}
     loss = lambda b: a.task_loss(b, task).float()
     one: dict = {}
     block_jvp_scores(a.model, groups, loss, batches, probes=one)
