@@ -100,6 +100,7 @@ class CompSearch:
         self.probe = self._fixed_batches(p.train_split, p.probe_set, ctx.seed + 2)
         self.trajectory: list[dict] = []
         self.scores: dict[str, torch.Tensor] = {}
+        self._p0 = self.graph.cost.params({gid: g.total for gid, g in self.graph.groups.items()})
 
     # ---- data
     def _fixed_batches(self, split: str, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -182,16 +183,24 @@ class CompSearch:
         # one stage never takes most of what a tower has left: the cost of the next cut is
         # measured before it is made (a 5% quantum can be most of a token-pruned text tower)
         cap = min(quantum, self.p.max_stage_share * prunable)
-        plan, removed = StagePlan(mode, cap=cap), 0.0
+        # units whose tokens are mostly gone cost little FLOPs each: a parameter quantum keeps a
+        # stage from taking hundreds of them because the FLOPs quantum would allow it
+        param_cap = math.inf if self.p.param_quantum is None else self.p.param_quantum * self._p0
+        plan, removed, removed_params, param_capped = StagePlan(mode, cap=cap), 0.0, 0, False
         for _, gid, i in ranked:
             if removed >= cap:
                 break
             if left[gid] <= 0:
                 continue
+            unit_params = self.graph.cost.unit_params[gid]
+            if plan.order and removed_params + unit_params > param_cap:
+                param_capped = True
+                break
             left[gid] -= 1
             plan.order.append((gid, i))
             removed += unit[gid]
-        plan.last = removed < quantum and cap >= quantum
+            removed_params += unit_params
+        plan.last = removed < quantum and cap >= quantum and not param_capped
         plan = self._fit_to_tokens(plan, cap, f_now, f0)
         plan.nominal = sum(unit[gid] for gid, _ in plan.order)
         return plan
@@ -355,7 +364,9 @@ class CompSearch:
                                     "quantum": quantum, "cap": min(quantum, plan.cap),
                                     "last": plan.last,
                                     "theta": {t: self.rt.theta(t) for t in self.rt.towers},
-                                    "units": {gid: len(v) for gid, v in plan.units.items()}})
+                                    "units": {gid: len(v) for gid, v in plan.units.items()},
+                                    "param_share": sum(self.graph.cost.unit_params[gid] * len(v)
+                                                       for gid, v in plan.units.items()) / self._p0})
             self.log(f"comp stage {self.scheduler.stage}: {mode} ({why}) FLOPs {f_cur:.3f} → "
                      f"{f_new:.3f}, quality {q_cur:.2f} → {q_new:.2f}")
             q_cur, f_cur = q_new, f_new

@@ -55,6 +55,11 @@ class CompParams(PassParams):
                                    "mode's remaining prunable FLOPs one stage may remove: a small "
                                    "tower is cut over several stages, so each is priced before the "
                                    "next (1: no cap).")
+    param_quantum: float | None = Field(None, gt=0.0, le=1.0, description="Share of the dense "
+                                        "model's parameters one parameter stage may remove at "
+                                        "most, besides the FLOPs quantum (None: FLOPs only). Once a "
+                                        "tower's tokens are mostly dropped its units cost little "
+                                        "FLOPs each, and one FLOPs quantum could take most of them.")
     min_token_frac: float = Field(0.05, ge=0.0, le=1.0, description="Share of a site's candidate "
                                   "tokens always kept.")
     score_norm: Literal["zscore_per_kind", "none"] = Field("zscore_per_kind", description="How head "

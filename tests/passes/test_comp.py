@@ -65,6 +65,18 @@ def test_param_only_mode_leaves_tokens_alone(write_recipe, registry, tmp_path):
     assert state["final_flops"] <= state["target"] + 0.005 + 1e-9
 
 
+def test_param_quantum_caps_each_parameter_stage(write_recipe, registry, tmp_path):
+    report = _run(write_recipe, registry, tmp_path / "run",
+                  {"target": 0.25, "modes": ["vision_params", "language_params"],
+                   "param_quantum": 0.01})
+    stages = report["state"]["comp"][0]["trajectory"][1:]
+    # the FLOPs quantum (10%) alone would take several times more parameters per stage
+    assert stages and all(t["param_share"] <= 0.01 or sum(t["units"].values()) == 1 for t in stages)
+    assert all(not t["last"] for t in stages if t["planned"] < t["quantum"] - 1e-9
+               and t["param_share"] > 0.009)
+    assert max(t["param_share"] for t in stages) > 0.005   # the cap is what bounds them
+
+
 def test_unknown_mode_is_a_clear_error(write_recipe, registry, tmp_path):
     from mmprune.errors import MMPruneError
     with pytest.raises(MMPruneError, match="cross_params"):
