@@ -14,11 +14,13 @@ def unit_params(model: nn.Module, group: UnitGroup) -> list[tuple[nn.Parameter, 
 
     `folds` > 1 marks a fused projection whose channel dimension holds that many stacked copies
     of the unit layout (BLIP's `qkv`: [q; k; v]); a unit owns its channels in every copy.
+    A grouped-query head owns its q rows and o columns only: k and v belong to its KV head,
+    shared with the group (as `cost.unit_param_count` counts them).
     """
     root = model.get_submodule(group.site.path)
     if isinstance(group, HeadGroup):
         s = group.site
-        names = (s.q,) if s.fused_qkv else (s.q, s.k, s.v)
+        names = (s.q,) if s.fused_qkv or s.num_kv_heads is not None else (s.q, s.k, s.v)
         fold = 3 if s.fused_qkv else 1
         outs = [(root.get_submodule(n), fold) for n in names]
         ins = [root.get_submodule(s.o)]

@@ -53,3 +53,24 @@ def test_taylor_refuses_test_split(ctx):
     from mmprune.errors import MMPruneError
     with pytest.raises(MMPruneError, match="test split"):
         ScoreTaylor(TaylorParams(split="test")).run(ctx)
+
+
+def test_grouped_query_heads_own_their_q_rows_and_o_columns():
+    """In grouped-query attention k / v rows belong to a KV head shared by its query heads, so
+    a query head's score covers q and o only (the parameters removing it removes)."""
+    from mmprune.context import Context
+    from mmprune.graph import trace
+    from mmprune.models.llava import LlavaAdapter
+
+    model = LlavaAdapter.tiny_model(0)
+    a = LlavaAdapter(model, *LlavaAdapter.default_processors(model))
+    ctx = Context(a, trace(a), None, "instruct", show_progress=False)
+    ScoreMagnitude(MagnitudeParams(norm="l2")).run(ctx)
+    s = ctx.scores["scores.params"]["language.1.attn"]
+    att = model.model.language_model.layers[1].self_attn
+    d = att.head_dim
+    for h in range(4):
+        sl = slice(h * d, (h + 1) * d)
+        expect = torch.sqrt(att.q_proj.weight[sl].double().pow(2).sum()
+                            + att.o_proj.weight[:, sl].double().pow(2).sum())
+        assert torch.isclose(s[h].double(), expect.detach(), rtol=1e-5)
