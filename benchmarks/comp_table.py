@@ -2,13 +2,17 @@
 
     .venv/bin/python benchmarks/comp_table.py --ratios 0.5 0.8 [--methods comp upop tokens sjp]
                                               [--ablations] [--tasks clip:retrieval blip:nlvr]
+    .venv/bin/python benchmarks/comp_table.py --tasks llava:instruct --ratios 0.3 0.46 0.62 \
+                                              --methods pdrop fastv pdrop_sft params
 
 Every method runs its recipe (recipes/comp_<family>_<task>.yaml, recipes/baselines/*) with
 only the FLOPs target changed, so budgets, data, search schedule and fine-tuning steps are the
 same. Numbers are test metrics of the exported model; FLOPs reductions are the analytic means
 over the test split; speedups are median latencies of the dense and pruned models timed
-interleaved in the same run. Rows go to benchmarks/results/comp.json (one per family, task,
-method, ratio; a rerun replaces its rows) and a markdown table is printed.
+interleaved in the same run. LLaVA's token-only methods (PDrop, FastV) take their targets as
+reductions of the decoder's prefill FLOPs (`flops_scope: decoder`), with the whole model's
+beside. Rows go to benchmarks/results/comp.json (one per family, task, method, ratio; a rerun
+replaces its rows) and a markdown table is printed.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from pathlib import Path
 
 from results_file import merge_rows
 
+from mmprune.errors import MMPruneError
 from mmprune.pipeline import run
 from mmprune.plugins.manager import get_registry
 from mmprune.recipe import load_recipe
@@ -25,10 +30,18 @@ from mmprune.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "comp.json"
 #: family:task pairs that have a CoMP recipe and baseline recipes
-TASKS = ("clip:retrieval", "blip:nlvr", "blip:vqa")
+TASKS = ("clip:retrieval", "blip:nlvr", "blip:vqa", "llava:instruct")
+#: token-only methods inside the LLaVA decoder; their FLOPs targets are of the decoder's prefill
+LLAVA_TOKEN_METHODS = ("pdrop", "fastv", "pdrop_sft")
 
 #: method -> (recipe, overrides besides the target)
 def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
+    if family == "llava":
+        base = ROOT / "recipes" / "baselines"
+        return {"pdrop": (ROOT / "recipes" / "pdrop_llava.yaml", []),
+                "fastv": (ROOT / "recipes" / "fastv_llava.yaml", []),
+                "pdrop_sft": (base / f"pdrop_sft_{family}_{task}.yaml", []),
+                "params": (base / f"params_{family}_{task}.yaml", [])}
     comp = ROOT / "recipes" / f"comp_{family}_{task}.yaml"
     base = ROOT / "recipes" / "baselines"
     return {
@@ -51,6 +64,10 @@ ABLATIONS = ["comp_cim_off", "comp_cip_only", "comp_cit_only", "comp_round_robin
 
 
 def targets(method: str, ratio: float) -> list[str]:
+    if method in LLAVA_TOKEN_METHODS:
+        return [f"passes.0.token_prune.flops_target={ratio}"]
+    if method == "params":     # LLaVA: structured pruning of the decoder to the target
+        return [f"passes.1.prune_structured.target={ratio}"]
     if method == "sjp":   # tokens to half the reduction, then parameters for the rest
         return [f"passes.0.comp.target={ratio / 2}", f"passes.1.comp.target={ratio}"]
     return [f"passes.0.comp.target={ratio}"]
@@ -64,16 +81,34 @@ def run_one(family: str, task: str, method: str, ratio: float) -> dict:
     t0 = time.perf_counter()
     report = run(rec, reg, out=out, overwrite=True, show_progress=False, log=lambda m: None)
     head = report["headline_metric"]
+    row = {"family": family, "task": task, "method": method, "flops_reduction": ratio,
+           "achieved_flops_reduction": round(report["ratios"]["flops_reduction"], 4),
+           "metric": head, "value": round(report["final"]["metrics"][head], 2),
+           "dense_value": round(report["baseline"]["metrics"][head], 2),
+           "speedup": round(report["ratios"]["speedup"], 3),
+           "params_reduction": round(report["ratios"]["params_reduction"], 4),
+           "seconds": round(time.perf_counter() - t0, 1)}
+    for key in ("ttft_speedup", "decode_speedup"):     # generating families: the two phases
+        if key in report["ratios"]:
+            row[key] = round(report["ratios"][key], 3)
+    if family == "llava":    # targets are of the decoder's FLOPs, the whole model's beside
+        tower = "language"
+        before, after = (report[k]["flops_by_tower"][tower] for k in ("baseline", "final"))
+        return {**row, "flops_scope": "decoder",
+                "achieved_flops_reduction": round(1 - after / before, 4),
+                "model_flops_reduction": row["achieved_flops_reduction"],
+                "sites": report["state"].get("token_prune", {}).get("sites")}
     cp = report["state"]["comp"][0]["params"]
-    return {"family": family, "task": task, "method": method, "flops_reduction": ratio,
-            "achieved_flops_reduction": round(report["ratios"]["flops_reduction"], 4),
-            "metric": head, "value": round(report["final"]["metrics"][head], 2),
-            "dense_value": round(report["baseline"]["metrics"][head], 2),
-            "speedup": round(report["ratios"]["speedup"], 3),
-            "params_reduction": round(report["ratios"]["params_reduction"], 4),
-            "seconds": round(time.perf_counter() - t0, 1),
+    return {**row,
             # the search schedule, so rows measured under different recipes are not confused
-            "schedule": f"quantum {cp['stage_quantum']}, K {cp['k_min']}, {cp['cost_metric']}"}
+            "schedule": f"quantum {cp['stage_quantum']}, K {cp['k_min']}, {cp['cost_metric']}"
+                        + (f", param quantum {pq}" if (pq := _param_quantum(report)) else "")}
+
+
+def _param_quantum(report: dict) -> float | None:
+    """The parameter quantum of the run's parameter-pruning comp pass, if it had one."""
+    return next((c["params"].get("param_quantum") for c in report["state"]["comp"]
+                 if c["params"].get("param_quantum")), None)
 
 
 def save(rows: list[dict]) -> None:
@@ -106,7 +141,11 @@ def main() -> None:
             plan += [(family, task, m, 0.8) for m in ABLATIONS]
     rows = []
     for family, task, method, ratio in plan:
-        row = run_one(family, task, method, ratio)
+        try:
+            row = run_one(family, task, method, ratio)
+        except MMPruneError as exc:       # e.g. a token-only target beyond what its sites can drop
+            print(f"| {family} | {task} | {method} | {ratio} | not reachable: {exc} |", flush=True)
+            continue
         rows.append(row)
         save([row])
         print(table([row]).splitlines()[-1], flush=True)

@@ -44,7 +44,7 @@ def group_token_counts(ctx: Context, batch: dict[str, torch.Tensor]) -> dict[str
         if f"{g.tower}_kv" in per_tower:
             counts[f"{gid}:kv"] = per_tower[f"{g.tower}_kv"].double()
     runtime = runtime_of(ctx.model)
-    if runtime is not None and runtime.policy()["towers"]:
+    if runtime is not None and runtime.active:
         with torch.inference_mode():
             ctx.adapter.forward(batch)
         counts.update(runtime.counts())
@@ -93,6 +93,43 @@ def latencies_ms(adapters: Sequence[Adapter], batch: dict[str, torch.Tensor],
     finally:
         torch.set_num_threads(threads)
     return [statistics.median(t) for t in times]
+
+
+#: decode steps timed per generation: per-token decode time = (T(1 + k) − T(1)) / k
+DECODE_STEPS = 8
+
+
+@torch.inference_mode()
+def generation_latencies_ms(adapters: Sequence[Adapter], batch: dict[str, torch.Tensor],
+                            spec: EvaluationSpec) -> list[dict[str, float]] | None:
+    """Time to first token and per-token decode time of each adapter's model (greedy, KV
+    cache), medians of interleaved runs; None when the family does not generate.
+
+    The first token is a whole generate call for one token (vision tower, prefill, LM head).
+    Decode time per token is the extra time of generating 1 + k tokens over 1, divided by k.
+    """
+    if any(type(a).generate_tokens is Adapter.generate_tokens for a in adapters):
+        return None
+    threads = torch.get_num_threads()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    try:
+        for a in adapters:
+            for _ in range(spec.latency_warmup):
+                a.generate_tokens(batch, 1 + DECODE_STEPS)
+        first = [[] for _ in adapters]
+        longer = [[] for _ in adapters]
+        for _ in range(spec.latency_repeats):
+            for i, a in enumerate(adapters):
+                for n, out in ((1, first[i]), (1 + DECODE_STEPS, longer[i])):
+                    t0 = time.perf_counter()
+                    a.generate_tokens(batch, n)
+                    out.append((time.perf_counter() - t0) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    return [{"ttft_ms": statistics.median(f),
+             "decode_ms_per_token": max(statistics.median(g) - statistics.median(f), 0.0) / DECODE_STEPS}
+            for f, g in zip(first, longer)]
 
 
 def measure(ctx: Context, spec: EvaluationSpec, *, with_latency: bool = True) -> dict:

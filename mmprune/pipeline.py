@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from mmprune import __version__
 from mmprune.context import Context, seed_everything
 from mmprune.errors import MMPruneError, RecipeError, did_you_mean
-from mmprune.measure import latencies_ms, latency_batch, measure
+from mmprune.measure import generation_latencies_ms, latencies_ms, latency_batch, measure
 from mmprune.models.loading import load_model
 from mmprune.passes.base import INITIAL_FACTS, Pass
 from mmprune.plugins.manager import Registry
@@ -355,14 +355,26 @@ def _execute(recipe: Recipe, registry: Registry, planned: list[PlannedPass], out
     log("measuring the final model …")
     final = measure(ctx, recipe.evaluation, with_latency=False)
     dense, _ = load_model(recipe.model, registry, recipe.seed)
-    dense_ms, final_ms = latencies_ms([dense, ctx.adapter], latency_batch(ctx, recipe.evaluation),
-                                      recipe.evaluation)
+    batch = latency_batch(ctx, recipe.evaluation)
+    dense_ms, final_ms = latencies_ms([dense, ctx.adapter], batch, recipe.evaluation)
     baseline["latency_ms"], final["latency_ms"] = dense_ms, final_ms
+    generation = generation_latencies_ms([dense, ctx.adapter], batch, recipe.evaluation)
+    if generation is not None:
+        baseline["generation"], final["generation"] = generation
     return build_report(recipe, ctx, baseline, final, records)
 
 
 def _reduction(before: float, after: float) -> float:
     return 1 - after / before if before else 0.0
+
+
+def _generation_speedups(baseline: dict, final: dict) -> dict[str, float]:
+    if "generation" not in final:
+        return {}
+    b, f = baseline["generation"], final["generation"]
+    return {"ttft_speedup": b["ttft_ms"] / f["ttft_ms"],
+            "decode_speedup": (b["decode_ms_per_token"] / f["decode_ms_per_token"]
+                               if f["decode_ms_per_token"] > 0 else float("nan"))}
 
 
 def build_report(recipe: Recipe, ctx: Context, baseline: dict, final: dict, records: list[dict]) -> dict:
@@ -384,6 +396,7 @@ def build_report(recipe: Recipe, ctx: Context, baseline: dict, final: dict, reco
             "params_reduction": _reduction(baseline["params"], final["params"]),
             "size_reduction": _reduction(baseline["size_bytes"], final["size_bytes"]),
             "speedup": baseline["latency_ms"] / final["latency_ms"],
+            **_generation_speedups(baseline, final),
         },
         "latency": {"batch_size": recipe.evaluation.latency_batch_size,
                     "repeats": recipe.evaluation.latency_repeats,

@@ -41,6 +41,7 @@ def to_markdown(report: dict) -> str:
         f"−{r['size_reduction'] * 100:.1f}% |",
         f"| latency (batch {report['latency']['batch_size']}) | {b['latency_ms']:.2f} ms | "
         f"{f['latency_ms']:.2f} ms | {r['speedup']:.2f}× speedup |",
+        *_generation_rows(b, f, r),
         "", f"FLOPs: {report['flops_convention']}. Pruning targets are met at the validation "
         f"split's mean token counts, so the FLOPs cut measured here can differ slightly. Latency: {report['latency']['method']}, "
         f"{report['latency']['repeats']} repeats, {report['latency']['threads']} threads.", "",
@@ -167,3 +168,13 @@ def write_report(out: Path, report: dict) -> None:
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=float))
     os.replace(tmp, out / "report.json")
+
+
+def _generation_rows(b: dict, f: dict, r: dict) -> list[str]:
+    if "generation" not in f:
+        return []
+    bg, fg = b["generation"], f["generation"]
+    return [f"| time to first token | {bg['ttft_ms']:.2f} ms | {fg['ttft_ms']:.2f} ms | "
+            f"{r['ttft_speedup']:.2f}× speedup |",
+            f"| decode, per token | {bg['decode_ms_per_token']:.2f} ms | "
+            f"{fg['decode_ms_per_token']:.2f} ms | {r['decode_speedup']:.2f}× speedup |"]

@@ -29,7 +29,9 @@ from mmprune.sparsity import masks as sparse
 SPEC_FILE = "mmprune.json"
 WEIGHTS_FILE = "model.safetensors"
 MASKS_FILE = "sparsity_masks.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions this mmprune reads: 2 added decoder token sites (token_policy.decoder)
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -60,7 +62,7 @@ def save(directory: str | Path, adapter: Adapter, graph: ModelGraph,
     model = adapter.model
     qnames = quant.quantized_names(model)
     runtime = runtime_of(model)
-    if token_policy is None and runtime is not None and runtime.policy()["towers"]:
+    if token_policy is None and runtime is not None and runtime.active:
         token_policy = runtime.policy()
     spec = {
         "format": "mmprune", "version": FORMAT_VERSION,
@@ -104,9 +106,10 @@ def load_bundle(directory: str | Path, registry=None) -> Bundle:
         spec = json.loads((directory / SPEC_FILE).read_text())
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{directory / SPEC_FILE} is not valid JSON ({exc}).") from None
-    if spec.get("format") != "mmprune" or spec.get("version") != FORMAT_VERSION:
+    if spec.get("format") != "mmprune" or spec.get("version") not in READABLE_VERSIONS:
         raise ModelLoadError(f"{directory / SPEC_FILE}: unsupported format {spec.get('format')!r} "
-                             f"version {spec.get('version')!r} (this mmprune reads version {FORMAT_VERSION}).")
+                             f"version {spec.get('version')!r} (this mmprune reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}).")
     registry = registry or get_registry()
     if spec["adapter"] not in registry.models:
         raise ModelLoadError(f"{directory}: saved with adapter '{spec['adapter']}', which no installed "

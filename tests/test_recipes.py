@@ -18,7 +18,9 @@ SMALL = ("data.train_size=96", "data.validation_size=32", "data.test_size=32",
 #: training passes shortened to a few steps (the stand-in checks wiring, not quality)
 SHORT = {"comp": {"k_min": 2, "search_steps": 4, "warmup_steps": 2, "stage_quantum": 0.25,
                   "batch_size": 16, "v_sub": 32, "probe_set": 32},
-         "finetune": {"steps": 3, "batch_size": 16, "eval_every": 3}}
+         "finetune": {"steps": 3, "batch_size": 16, "eval_every": 3},
+         # the tiny LLaVA's decoder has 2 layers: one site can remove only so much
+         "token_prune": {"flops_target": 0.1}}
 
 
 def _short(path: Path) -> tuple[str, ...]:

@@ -124,6 +124,16 @@ class Adapter:
         """Towers the token-pruning runtime can run block by block (CoMP, token pruning)."""
         raise self._undescribed("blocks for token pruning")
 
+    def decoder_layers(self) -> int:
+        """Layers of the decoder LLM that image-token sites sit between (LLaVA-style models)."""
+        raise MMPruneError(f"the '{self.name}' adapter has no decoder LLM: token sites between "
+                           "decoder layers need a LLaVA-style model")
+
+    def decoder_token_pruner(self, sites: list, position: str, probe: str):
+        """A `DecoderTokenPruner` for image-token sites between decoder-LLM layers."""
+        self.decoder_layers()
+        raise NotImplementedError
+
     def layerwise_blocks(self) -> list[tuple[str, str]]:
         """(tower, module path) of every transformer block whose Linear weights layer-wise pruning
         may zero, upstream towers first: by default the blocks of `managed_towers`."""
@@ -190,6 +200,11 @@ class Adapter:
     def distill_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits [B, C] a pruned model is distilled on from its dense teacher (softmax over C)."""
         raise self._undescribed("logits for distillation")
+
+    def generate_tokens(self, batch: dict[str, torch.Tensor], n: int) -> Any:
+        """Generate exactly `n` tokens for `batch` (greedy, with the KV cache), for adapters
+        whose task is answered by a decoder; None means the family does not generate."""
+        return None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         """The inference forward whose latency is reported."""

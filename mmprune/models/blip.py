@@ -383,18 +383,21 @@ class BlipVQAAdapter(_BlipBase):
             encoder_hidden_states=states, encoder_attention_mask=valid).last_hidden_state
 
     def forward(self, batch):
-        return self.generate(batch)
+        # a fixed number of tokens: timed work must not depend on when each model says [SEP]
+        return self.generate(batch, fixed_length=True)
 
-    def generate(self, batch) -> torch.Tensor:
+    def generate(self, batch, fixed_length: bool = False) -> torch.Tensor:
         """Greedy answers; the decoder attends to the question without its padding (HF's
-        `generate` passes an all-ones mask over the question)."""
+        `generate` passes an all-ones mask over the question). `fixed_length`: always
+        `max_answer_tokens` tokens, [SEP] or not."""
         q = self._question(batch)
         cfg = self.model.config.text_config
         start = torch.full((q.shape[0], 1), cfg.bos_token_id, dtype=torch.long)
         return self.model.text_decoder.generate(
             input_ids=start, encoder_hidden_states=q, encoder_attention_mask=batch["attention_mask"],
             eos_token_id=cfg.sep_token_id, pad_token_id=cfg.pad_token_id,
-            max_new_tokens=self.max_answer_tokens, do_sample=False)
+            max_new_tokens=self.max_answer_tokens, do_sample=False,
+            min_new_tokens=self.max_answer_tokens if fixed_length else None)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:

@@ -164,6 +164,35 @@ class LlavaAdapter(Adapter):
         vision = torch.full((b,), self.model.config.image_seq_length + 1, dtype=torch.float64)
         return {"vision": vision, "language": batch["prompt_mask"].sum(1).double()}
 
+    def managed_towers(self) -> list:
+        return []     # no block-by-block towers: token sites live between decoder layers
+
+    def decoder_layers(self) -> int:
+        return self.model.config.text_config.num_hidden_layers
+
+    def decoder_token_pruner(self, sites: list, position: str, probe: str):
+        from mmprune.runtime.decoder import DecoderTokenPruner
+        return DecoderTokenPruner(self.model, sites, self.model.config.image_token_id,
+                                  self.prompt_end, position=position, probe=probe)
+
+    def prompt_end(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Per example, the index of the token that ends the prompt: the last token of the last
+        answer cue. In-LLM token scores are its attention (tokens.md §3; comp.md §3.1: the token
+        before the answer span in training, the last prompt token at inference). Instructions
+        may say "answer:" too, so the last cue counts; answers are short and never contain it.
+        The token is the same whether the answer or generated tokens follow, so cached and
+        recomputed generation drop the same tokens. Without a cue: the last valid token."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+        last_valid = torch.where(valid.bool(), positions, -1).amax(1)
+        cue = self._ids(ANSWER_CUE) if self.tokenizer is not None else []
+        if not cue or input_ids.shape[1] < len(cue):
+            return last_valid
+        k = len(cue)
+        windows = input_ids.unfold(1, k, 1)                              # [B, N − k + 1, k]
+        hit = (windows == torch.tensor(cue, device=input_ids.device)).all(-1)
+        end = torch.where(hit, positions[:, :hit.shape[1]] + k - 1, -1).amax(1)
+        return torch.where(end >= 0, end, last_valid)
+
     # ---- task
     def task_loss(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -177,8 +206,15 @@ class LlavaAdapter(Adapter):
                                   eos_token_id=spec["eos_token_id"], pad_token_id=spec["pad_token_id"])
         return out[:, batch["prompt_ids"].shape[1]:]
 
+    def generate_tokens(self, batch, n: int) -> torch.Tensor:
+        spec = self.input_spec()
+        return self.model.generate(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"],
+                                   pixel_values=batch["pixel_values"], do_sample=False,
+                                   max_new_tokens=n, min_new_tokens=n, pad_token_id=spec["pad_token_id"])
+
     def forward(self, batch):
-        return self.generate(batch)
+        # a fixed number of tokens: timed work must not depend on when each model says [EOS]
+        return self.generate_tokens(batch, self.max_answer_tokens + 1)
 
     # ---- layer-wise pruning
     def layerwise_blocks(self) -> list[tuple[str, str]]:

@@ -14,9 +14,10 @@ def mmprune_passes() -> list[type]:
     from mmprune.passes.quantize import Quantize
     from mmprune.passes.scoring import ScoreMagnitude, ScoreTaylor
     from mmprune.passes.structured import PruneStructured
+    from mmprune.passes.tokens import TokenPrune
 
-    return [ScoreMagnitude, ScoreTaylor, PruneStructured, PruneLayerwise, Comp, Finetune, Quantize,
-            Evaluate, Export]
+    return [ScoreMagnitude, ScoreTaylor, PruneStructured, PruneLayerwise, Comp, TokenPrune, Finetune,
+            Quantize, Evaluate, Export]
 
 
 @hookimpl

@@ -15,6 +15,7 @@ import torch
 
 from mmprune.errors import MMPruneError
 from mmprune.graph.model_graph import ModelGraph
+from mmprune.runtime.decoder import DECODER_TOWER, DecoderSite, DecoderTokenPruner
 from mmprune.runtime.tower import ManagedTower, Observer, SiteControl
 
 #: attribute of the model under which the installed runtime is kept
@@ -28,6 +29,8 @@ class TokenRuntime:
         self.towers: dict[str, ManagedTower] = {
             spec.tower: ManagedTower(spec, adapter.model, head_reduce=head_reduce)
             for spec in adapter.managed_towers()}
+        #: image-token sites between the layers of a decoder LLM (LLaVA), if any
+        self.decoder: DecoderTokenPruner | None = None
         self.installed = False
 
     # ---- lifecycle
@@ -59,6 +62,7 @@ class TokenRuntime:
     def uninstall(self) -> None:
         for t in self.towers.values():
             t.uninstall()
+        self.set_decoder([])
         model = self.graph.adapter.model
         if getattr(model, ATTR, None) is self:
             object.__delattr__(model, ATTR)
@@ -69,8 +73,29 @@ class TokenRuntime:
         runtime when no tower is left. Call when masks are gone (after physical removal)."""
         for name in [n for n, t in self.towers.items() if all(c.site is None for c in t.controls)]:
             self.towers.pop(name).uninstall()
-        if not self.towers:
+        if not self.towers and self.decoder is None:
             self.uninstall()
+
+    @property
+    def decoder_tower(self) -> str:
+        """The graph tower of the decoder LLM's blocks (where decoder token sites act)."""
+        return DECODER_TOWER
+
+    @property
+    def active(self) -> bool:
+        """Whether any token is dropped anywhere (tower sites or decoder sites)."""
+        return bool(self.policy()["towers"]) or self.decoder is not None
+
+    def set_decoder(self, sites: list[DecoderSite], position: str = "renumber",
+                    probe: str = "current") -> None:
+        """Image-token sites inside the decoder LLM (tokens.md LLM_PRE_LAYER); [] removes them."""
+        if self.decoder is not None:
+            self.decoder.uninstall()
+            self.decoder = None
+        if sites:
+            decoder = self.graph.adapter.decoder_token_pruner(sites, position, probe)
+            decoder.install()
+            self.decoder = decoder
 
     # ---- controls
     def host(self, tower: str) -> ManagedTower | None:
@@ -144,9 +169,14 @@ class TokenRuntime:
         for t in self.towers.values():
             for c in t.controls:
                 c.site = None
+        decoder_on = self.decoder is not None and self.decoder.enabled
+        if self.decoder is not None:
+            self.decoder.enabled = False
         try:
             yield
         finally:
+            if self.decoder is not None:
+                self.decoder.enabled = decoder_on
             for name, t in self.towers.items():
                 for c, site in zip(t.controls, saved[name]):
                     c.site = site
@@ -163,6 +193,9 @@ class TokenRuntime:
         for gid, g in self.graph.groups.items():
             t = self.host(g.tower)
             if t is None:
+                if self.decoder is not None and g.tower == self.decoder.tower \
+                        and g.layer in self.decoder.last_counts:   # no drop inside a layer
+                    out[gid] = self.decoder.last_counts[g.layer].double()
                 continue
             cross = g.tower not in self.towers
             key = (g.layer, "cross" if cross else "attn" if g.kind == "head" else "mlp")
@@ -180,7 +213,8 @@ class TokenRuntime:
             if layers:
                 towers[name] = {"layers": layers, **asdict(t.controls[layers[0]].site)}
         return {"head_reduce": next(iter(self.towers.values())).head_reduce if self.towers else "max",
-                "towers": towers}
+                "towers": towers,
+                "decoder": None if self.decoder is None else self.decoder.policy()}
 
     def apply_policy(self, policy: dict[str, Any]) -> None:
         for name, entry in policy.get("towers", {}).items():
@@ -189,6 +223,10 @@ class TokenRuntime:
             self.set_sites(name, site, list(entry["layers"]))
         for t in self.towers.values():
             t.head_reduce = policy.get("head_reduce", "max")
+        if policy.get("decoder"):
+            d = policy["decoder"]
+            self.set_decoder([DecoderSite(int(layer), float(keep)) for layer, keep in d["sites"]],
+                             d["position"], d["probe"])
 
 
 def runtime_of(model) -> TokenRuntime | None:

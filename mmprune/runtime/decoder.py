@@ -1,0 +1,270 @@
+"""Image-token pruning inside a LLaVA-style decoder (tokens.md §2–§4, site `LLM_PRE_LAYER(k)`).
+
+`DecoderTokenPruner` owns the Llama decoder's layer loop (its `forward`, installed as an instance
+attribute like `ManagedTower`'s): before each site's layer it scores the image tokens with the
+attention probe of one query token per example (the token that ends the prompt) and keeps the
+top share of the example's original image tokens, in their original order. Every other token
+(BOS, instruction, answer, generated tokens) is protected. PDrop is several sites with a
+geometric keep ratio and renumbered positions; FastV is one site, scored with the previous
+layer's attention, with original positions.
+
+Prefill drops tokens and records, per stage (the layers between two sites), which original
+tokens its KV cache holds. A decode step reuses those records: each stage's layers get a key
+mask over their own (shorter) cache and the positions the prefill gave that stage, so cached
+generation gives what recomputing the whole sequence without a cache gives (causal attention:
+the query token never sees generated tokens, so the drop decisions are the same).
+The last hidden state is scattered back to the input's length (zeros where tokens were dropped,
+which are image positions that carry no labels), so logits and labels keep their alignment.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from mmprune.errors import MMPruneError
+from mmprune.runtime.probe import attention_probe
+
+PositionPolicy = Literal["keep_original", "renumber"]
+#: the graph tower whose unit groups are the decoder's layers (LLaVA adapter: 'language')
+DECODER_TOWER = "language"
+
+
+@dataclass(frozen=True)
+class DecoderSite:
+    """Tokens are dropped before decoder layer `layer` runs, down to `keep` of the example's
+    original image tokens (a share of the original count, not of what the last site left)."""
+
+    layer: int
+    keep: float
+
+
+@dataclass
+class _Stage:
+    first_layer: int
+    index: torch.Tensor     # [B, L] original index of each token the stage's layers hold
+    valid: torch.Tensor     # [B, L] false for padding (prompt padding, or ragged fill)
+    offset: torch.Tensor    # [B] tokens dropped before this stage (renumbered positions)
+
+
+@dataclass
+class _Tokens:
+    x: torch.Tensor         # [B, n, D]
+    index: torch.Tensor     # [B, n] original indices
+    valid: torch.Tensor     # [B, n]
+    image: torch.Tensor     # [B, n] candidates
+    pos: torch.Tensor       # [B, n] position ids fed to RoPE
+    offset: torch.Tensor    # [B] tokens dropped so far
+
+
+def pdrop_sites(num_layers: int, ratio: float = 0.5, stages: int = 3) -> list[DecoderSite]:
+    """PyramidDrop's schedule: sites at round(L·s/(stages+1)), keeping ratio^s of the image tokens."""
+    layers = sorted({round(num_layers * s / (stages + 1)) for s in range(1, stages + 1)}
+                    & set(range(1, num_layers)))
+    return [DecoderSite(layer, ratio ** (s + 1)) for s, layer in enumerate(layers)]
+
+
+class DecoderTokenPruner:
+    """Installed on a `LlavaForConditionalGeneration` (`model.model.language_model`)."""
+
+    def __init__(self, model: nn.Module, sites: list[DecoderSite], image_token_id: int,
+                 query_index: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                 position: PositionPolicy = "renumber", probe: Literal["current", "previous"] = "current"):
+        self.model = model
+        self.lm = model.model.language_model
+        n = self.lm.config.num_hidden_layers
+        layers = [s.layer for s in sites]
+        if len(set(layers)) != len(layers) or any(not 0 < s.layer < n for s in sites):
+            raise MMPruneError(f"decoder token sites need distinct layers in 1..{n - 1}, got {layers}")
+        if any(not 0.0 < s.keep <= 1.0 for s in sites):
+            raise MMPruneError(f"decoder token sites keep a share in (0, 1], got {[s.keep for s in sites]}")
+        self.sites = sorted(sites, key=lambda s: s.layer)
+        self.image_token_id = image_token_id
+        self.query_index = query_index
+        self.position = position
+        self.probe = probe
+        self.enabled = True
+        self.tower = DECODER_TOWER
+        self._input_ids: torch.Tensor | None = None
+        self._valid0: torch.Tensor | None = None
+        self._stages: list[_Stage] = []
+        self._prefill_len = 0
+        self._cache = None          # the KV cache the last prefill filled, and its length now
+        self._cache_len = 0
+        self._handle = None
+        #: per example, tokens entering each layer during the last prefill: layer -> [B]
+        self.last_counts: dict[int, torch.Tensor] = {}
+
+    def policy(self) -> dict:
+        """What `mmprune.json` saves: sites as [layer, keep], position policy, probe layer."""
+        return {"sites": [[s.layer, s.keep] for s in self.sites], "position": self.position,
+                "probe": self.probe}
+
+    # ---- installation
+    def install(self) -> None:
+        if "forward" in vars(self.lm):
+            raise MMPruneError("the decoder already has a replaced forward (another pruner?)")
+
+        def capture(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self._input_ids = ids
+        self._handle = self.model.model.register_forward_pre_hook(capture, with_kwargs=True)
+        self.lm.forward = self.forward
+
+    def uninstall(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        vars(self.lm).pop("forward", None)
+
+    # ---- the decoder loop
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        lm = self.lm
+        if inputs_embeds is None:
+            inputs_embeds = lm.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=lm.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        b, n, _ = inputs_embeds.shape
+        if position_ids is None:
+            position_ids = (torch.arange(n, device=inputs_embeds.device) + past).unsqueeze(0)
+        mask = create_causal_mask(config=lm.config, inputs_embeds=inputs_embeds,
+                                  attention_mask=attention_mask, past_key_values=past_key_values,
+                                  position_ids=position_ids)
+        x = inputs_embeds
+        pos_emb = lm.rotary_emb(x, position_ids=position_ids)
+        decoding = past > 0      # a decode step: the stages recorded at the prefill apply
+        if decoding and self._stages and (past_key_values is not self._cache or past != self._cache_len):
+            raise MMPruneError("decoder token pruning: this KV cache was not filled by the last "
+                               "prefill (continuing an earlier cache with a new prompt is not "
+                               "supported); start generation from an empty cache")
+        tokens = None if decoding or not self.enabled else self._start(x, attention_mask, position_ids)
+        if not decoding:
+            self._stages, self._prefill_len = [], n
+            self.last_counts = {}
+        self._cache, self._cache_len = past_key_values, past + n
+        decode_pos = position_ids       # every stage offsets the original decode positions
+        site_at = {s.layer: s for s in self.sites} if self.enabled else {}
+        stages = {st.first_layer: st for st in self._stages}
+        prev = None     # the previous layer's input and RoPE tables (FastV scores with them)
+        for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
+            stage = stages.get(i) if decoding else None
+            if stage is not None:
+                mask, pos_emb, position_ids = self._decode_stage(stage, x, attention_mask,
+                                                                 decode_pos, past)
+            elif i in site_at and tokens is not None:
+                tokens.x = x
+                kept = self._drop(tokens, site_at[i], *(
+                    (layer, x, pos_emb) if self.probe == "current" else (lm.layers[i - 1], *prev)))
+                if kept is not None:      # a site that keeps everything changes nothing
+                    tokens = kept
+                    x, position_ids = tokens.x, tokens.pos
+                    mask = self._prefill_mask(tokens, x.dtype)
+                    pos_emb = lm.rotary_emb(x, position_ids=position_ids)
+                    self._stages.append(_Stage(i, tokens.index, tokens.valid, tokens.offset))
+            if tokens is not None and not decoding:
+                self.last_counts[i] = tokens.valid.sum(1)
+            prev = (x, pos_emb)
+            x = layer(x, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
+                      past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        x = lm.norm(x)
+        if tokens is not None and self._stages:
+            full = x.new_zeros(b, n, x.shape[-1])
+            rows = tokens.index.masked_fill(~tokens.valid, n)      # ragged fill goes to a dump row
+            full = torch.cat([full, full[:, :1]], 1).scatter(
+                1, rows.unsqueeze(-1).expand_as(x), x)[:, :n]
+            x = full
+        self._input_ids = None      # captured per call: never reused by a later one
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values)
+
+    # ---- prefill
+    def _start(self, x: torch.Tensor, attention_mask, position_ids) -> _Tokens:
+        b, n, _ = x.shape
+        ids = self._input_ids
+        if ids is None or ids.shape != (b, n):
+            raise MMPruneError("decoder token pruning needs the prompt's input_ids (to find the "
+                               "image tokens); call the model with input_ids, not inputs_embeds")
+        valid = (attention_mask.bool() if attention_mask is not None
+                 else torch.ones(b, n, dtype=torch.bool, device=x.device))
+        index = torch.arange(n, device=x.device).expand(b, n)
+        self._valid0 = valid
+        return _Tokens(x, index, valid, (ids == self.image_token_id) & valid,
+                       position_ids.expand(b, n), torch.zeros(b, dtype=torch.long, device=x.device))
+
+    def _allowed(self, t: _Tokens, query: torch.Tensor) -> torch.Tensor:
+        q_orig = t.index.gather(1, query[:, None])
+        return t.valid & (t.index <= q_orig)
+
+    def _drop(self, t: _Tokens, site: DecoderSite, layer: nn.Module, x: torch.Tensor,
+              pos_emb: tuple[torch.Tensor, torch.Tensor]) -> _Tokens | None:
+        """The tokens left after `site`, scored by `layer`'s attention probe on its input `x`;
+        None when the site keeps every token."""
+        query_orig = self.query_index(self._input_ids, self._valid0)
+        # the query's current index: where its original index sits now (it is never dropped)
+        query = (t.index == query_orig[:, None]).float().argmax(1)
+        with torch.no_grad():       # scores select tokens; no gradient flows through them
+            probs = attention_probe(layer, x, query, pos_emb, self._allowed(t, query))
+        score = probs.mean(1)                                         # mean over heads
+        n_image0 = (self._input_ids == self.image_token_id).sum(1)
+        keep_n = torch.ceil(site.keep * n_image0.float() - 1e-6).long()
+        score = score.masked_fill(~t.image, float("-inf"))
+        order = score.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                                .expand_as(order))
+        keep = ~t.image | (rank < keep_n[:, None])
+        return None if bool(keep.all()) else self._gather(t, keep)
+
+    def _gather(self, t: _Tokens, keep: torch.Tensor) -> _Tokens:
+        b, n = keep.shape
+        counts = keep.sum(1)
+        width = int(counts.max())
+        # kept tokens first, in their original order; the ragged tail points at token 0, invalid
+        key = torch.where(keep, torch.arange(n, device=keep.device), n + torch.arange(n, device=keep.device))
+        sel = key.argsort(dim=1)[:, :width]
+        filled = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
+        sel = sel.masked_fill(~filled, 0)
+        dropped = ~keep
+        before = dropped.long().cumsum(1) - dropped.long()
+        pos = t.pos.gather(1, sel)
+        if self.position == "renumber":
+            pos = pos - before.gather(1, sel)
+        g = lambda v: v.gather(1, sel)                                        # noqa: E731
+        x = t.x.gather(1, sel.unsqueeze(-1).expand(-1, -1, t.x.shape[-1]))
+        return _Tokens(x, g(t.index), g(t.valid) & filled, g(t.image) & filled, pos,
+                       t.offset + dropped.sum(1))
+
+    def _prefill_mask(self, t: _Tokens, dtype: torch.dtype) -> torch.Tensor:
+        causal = t.index[:, None, :] <= t.index[:, :, None]                  # [B, q, k]
+        allowed = causal & t.valid[:, None, :]
+        allowed |= torch.eye(t.index.shape[1], dtype=torch.bool, device=t.index.device)
+        return _additive(allowed, dtype)
+
+    # ---- decode
+    def _decode_stage(self, stage: _Stage, x: torch.Tensor, attention_mask, position_ids, past: int):
+        b, q, _ = x.shape
+        n0 = self._prefill_len
+        prompt_valid = (attention_mask[:, :n0].bool().gather(1, stage.index) if attention_mask is not None
+                        else torch.ones_like(stage.valid)) & stage.valid
+        later = (attention_mask[:, n0:].bool() if attention_mask is not None
+                 else torch.ones(b, past - n0 + q, dtype=torch.bool, device=x.device))
+        keys = torch.cat([prompt_valid, later], 1)                           # [B, L + past − n0 + q]
+        allowed = keys[:, None, :].expand(b, q, -1).clone()
+        new = keys.shape[1] - q
+        allowed[:, :, new:] &= torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+        pos = position_ids.expand(b, q)
+        if self.position == "renumber":
+            pos = pos - stage.offset[:, None]
+        return _additive(allowed, x.dtype), self.lm.rotary_emb(x, position_ids=pos), pos
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A [B, q, k] boolean mask as the additive [B, 1, q, k] mask eager and SDPA attention take."""
+    out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return out.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)

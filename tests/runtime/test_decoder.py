@@ -1,0 +1,257 @@
+"""Image-token pruning inside the LLaVA decoder: probe, keep-all identity, protected tokens,
+cached generation against recomputation, positions, and the training path."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmprune.data.batching import collate_rows
+from mmprune.data.minivl.source import MiniVLParams, load_task
+from mmprune.graph import trace
+from mmprune.models.llava import LlavaAdapter
+from mmprune.runtime.decoder import DecoderSite, DecoderTokenPruner, pdrop_sites
+from mmprune.runtime.probe import attention_probe
+
+SIZES = dict(train_size=16, validation_size=8, test_size=8)
+
+
+def make(seed: int = 0) -> LlavaAdapter:
+    model = LlavaAdapter.tiny_model(seed, {"vision_config": {"image_size": 32},
+                                           "text_config": {"num_hidden_layers": 4}})
+    return LlavaAdapter(model, *LlavaAdapter.default_processors(model))
+
+
+def batch(a: LlavaAdapter, n: int = 4) -> dict[str, torch.Tensor]:
+    rows = load_task(MiniVLParams(task="instruct", **SIZES))["train"]
+    return collate_rows(a, rows, list(range(n)))
+
+
+def pruner(a: LlavaAdapter, sites, **kw) -> DecoderTokenPruner:
+    p = DecoderTokenPruner(a.model, sites, a.model.config.image_token_id, a.prompt_end, **kw)
+    p.install()
+    return p
+
+
+def _eager_rows(layer, x, pos_emb, allowed, query):
+    attn = layer.self_attn
+    old = attn.config._attn_implementation
+    attn.config._attn_implementation = "eager"
+    try:
+        mask = torch.zeros(allowed.shape[0], 1, x.shape[1], x.shape[1])
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+        mask = mask.masked_fill(~(causal & allowed[:, None, :])[:, None], torch.finfo(x.dtype).min)
+        _, weights = attn(layer.input_layernorm(x), position_embeddings=pos_emb, attention_mask=mask)
+    finally:
+        attn.config._attn_implementation = old
+    return weights[torch.arange(x.shape[0]), :, query]
+
+
+@pytest.mark.parametrize("kept", [None, [0, 1, 2], [1, 3]])
+def test_probe_equals_eager_attention_on_the_probed_rows(kept):
+    """Grouped-query (2 query heads per KV head), uneven groups after removal, and even again."""
+    a = make()
+    lm = a.model.model.language_model
+    layer = lm.layers[1]
+    if kept is not None:
+        from mmprune.graph import remove_units
+        g = trace(a)
+        remove_units(g, g.groups["language.1.attn"], [h for h in range(4) if h not in kept])
+    torch.manual_seed(0)
+    x = torch.randn(3, 12, 64)
+    pos = torch.arange(12)[None].expand(3, -1)
+    pos_emb = lm.rotary_emb(x, position_ids=pos)
+    allowed = torch.ones(3, 12, dtype=torch.bool)
+    allowed[1, :2] = False                       # left padding
+    query = torch.tensor([11, 7, 4])
+    causal = torch.arange(12)[None] <= query[:, None]
+    probe = attention_probe(layer, x, query, pos_emb, allowed & causal)
+    torch.testing.assert_close(probe, _eager_rows(layer, x, pos_emb, allowed, query).float(),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_keep_all_sites_reproduce_the_dense_logits_exactly():
+    a = make()
+    b = batch(a)
+    with torch.no_grad():
+        dense = a.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                        pixel_values=b["pixel_values"]).logits
+        p = pruner(a, [DecoderSite(1, 1.0), DecoderSite(2, 1.0)])
+        kept = a.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       pixel_values=b["pixel_values"]).logits
+    assert torch.equal(dense, kept)
+    p.uninstall()
+    assert "forward" not in vars(a.model.model.language_model)
+
+
+def test_sites_drop_image_tokens_only_and_never_the_query():
+    a = make()
+    b = batch(a)
+    p = pruner(a, pdrop_sites(4, 0.5))
+    assert [(s.layer, s.keep) for s in p.sites] == [(1, 0.5), (2, 0.25), (3, 0.125)]
+    with torch.no_grad():
+        a.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                pixel_values=b["pixel_values"])
+    valid = b["attention_mask"].sum(1)
+    n_image = int((b["input_ids"][0] == a.model.config.image_token_id).sum())
+    for layer, keep in [(0, 1.0), (1, 0.5), (2, 0.25), (3, 0.125)]:
+        assert torch.equal(p.last_counts[layer], valid - n_image + math.ceil(keep * n_image)), layer
+    image = b["input_ids"] == a.model.config.image_token_id
+    query = a.prompt_end(b["input_ids"], b["attention_mask"])
+    for stage in p._stages:
+        for i in range(len(valid)):
+            held = set(stage.index[i][stage.valid[i]].tolist())
+            protected = set(torch.nonzero(~image[i] & b["attention_mask"][i].bool()).flatten().tolist())
+            assert protected <= held and int(query[i]) in held
+            assert len(held - protected) < n_image
+
+
+def test_prompt_end_is_the_answer_cue_with_or_without_an_answer_after_it():
+    a = make()
+    b = batch(a)
+    full = a.prompt_end(b["input_ids"], b["attention_mask"])
+    # teacher-forced sequences (prompt + answer) and right-aligned prompts agree on the token
+    prompt = a.prompt_end(b["prompt_ids"], b["prompt_mask"])
+    shift = b["prompt_ids"].shape[1] - b["prompt_mask"].sum(1)
+    assert torch.equal(full, prompt - shift)
+    assert torch.equal(full + 1, (b["labels"] != -100).float().argmax(1))
+
+
+@pytest.mark.parametrize("position", ["renumber", "keep_original"])
+@pytest.mark.parametrize("probe", ["current", "previous"])
+def test_cached_generation_equals_recomputation(position, probe):
+    a = make(seed=1)
+    b = batch(a)
+    p = pruner(a, pdrop_sites(4, 0.5), position=position, probe=probe)
+    kw = dict(input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
+              pixel_values=b["pixel_values"], do_sample=False, max_new_tokens=6, min_new_tokens=6,
+              pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = a.model.generate(**kw, use_cache=True)
+        recomputed = a.model.generate(**kw, use_cache=False)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    # the scores of every step, not only the argmax: positions and masks of every stage agree
+    for c, r in zip(cached.scores, recomputed.scores):
+        torch.testing.assert_close(c, r, atol=1e-5, rtol=1e-4)
+    assert (p.last_counts[3] < p.last_counts[0]).all()   # the prefills did drop tokens
+
+
+def test_positions_policies_differ_and_pruning_changes_the_answer_logits():
+    a = make(seed=2)
+    b = batch(a)
+    args = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                pixel_values=b["pixel_values"])
+    with torch.no_grad():
+        dense = a.model(**args).logits
+        p = pruner(a, pdrop_sites(4, 0.5), position="renumber")
+        renumbered = a.model(**args).logits
+        p.position = "keep_original"
+        original = a.model(**args).logits
+    answer = b["labels"] != -100
+    assert not torch.allclose(dense[answer], renumbered[answer])
+    assert not torch.allclose(renumbered[answer], original[answer])
+    # dropped positions come back as zeros before the LM head: their logits are the head's bias
+    image = b["input_ids"] == a.model.config.image_token_id
+    assert torch.isfinite(renumbered).all() and image.any()
+
+
+def test_training_with_sites_backpropagates_the_answer_loss():
+    a = make()
+    b = batch(a)
+    pruner(a, [DecoderSite(2, 0.25)])
+    a.model.train()
+    loss = a.task_loss(b, "instruct")
+    loss.backward()
+    assert torch.isfinite(loss)
+    grad = a.model.model.language_model.layers[3].mlp.down_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_pdrop_schedule_on_shallow_decoders():
+    assert [(s.layer, s.keep) for s in pdrop_sites(32, 0.5)] == [(8, 0.5), (16, 0.25), (24, 0.125)]
+    assert [(s.layer, s.keep) for s in pdrop_sites(3, 0.5)] == [(1, 0.5), (2, 0.25)]   # 2.25 and 1.5 meet
+    assert [(s.layer, s.keep) for s in pdrop_sites(2, 0.5)] == [(1, 0.5)]
+
+
+def test_ragged_drops_pad_the_batch_and_renumber_each_example():
+    """Examples keeping different numbers of tokens: kept tokens first in their original order,
+    the tail invalid, positions shifted by the tokens dropped before each one."""
+    from mmprune.runtime.decoder import _Tokens
+
+    a = make()
+    p = DecoderTokenPruner(a.model, [DecoderSite(1, 0.5)], 0, a.prompt_end, position="renumber")
+    n = 6
+    t = _Tokens(torch.arange(2 * n, dtype=torch.float).view(2, n, 1), torch.arange(n).expand(2, n),
+                torch.ones(2, n, dtype=torch.bool), torch.zeros(2, n, dtype=torch.bool),
+                torch.arange(n).expand(2, n), torch.zeros(2, dtype=torch.long))
+    keep = torch.tensor([[1, 0, 1, 0, 0, 1], [1, 1, 1, 1, 0, 1]], dtype=torch.bool)
+    out = p._gather(t, keep)
+    assert out.index.tolist()[1] == [0, 1, 2, 3, 5] and out.index.tolist()[0][:3] == [0, 2, 5]
+    assert out.valid.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    assert out.pos.tolist()[0][:3] == [0, 1, 2] and out.pos.tolist()[1] == [0, 1, 2, 3, 4]
+    assert out.offset.tolist() == [3, 1]
+    assert out.x[1, :, 0].tolist() == [6.0, 7.0, 8.0, 9.0, 11.0]
+    p.position = "keep_original"
+    assert p._gather(t, keep).pos.tolist()[1] == [0, 1, 2, 3, 5]
+
+
+def test_a_cache_the_prefill_did_not_fill_is_refused():
+    from mmprune.errors import MMPruneError
+
+    a = make()
+    b = batch(a, 2)
+    pruner(a, pdrop_sites(4, 0.5))
+    with torch.no_grad():
+        out = a.model(input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
+                      pixel_values=b["pixel_values"], use_cache=True)
+        cache = out.past_key_values
+        a.model(input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
+                pixel_values=b["pixel_values"], use_cache=True)      # another prefill
+        step = torch.ones(2, 1, dtype=torch.long) * 5
+        mask = torch.cat([b["prompt_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+        with pytest.raises(MMPruneError, match="not filled by the last prefill"):
+            a.model(input_ids=step, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
+def test_bad_sites_are_clear_errors():
+    from mmprune.errors import MMPruneError
+    a = make()
+    with pytest.raises(MMPruneError, match="distinct layers in 1..3"):
+        DecoderTokenPruner(a.model, [DecoderSite(0, 0.5)], 0, a.prompt_end)
+    with pytest.raises(MMPruneError, match="share in"):
+        DecoderTokenPruner(a.model, [DecoderSite(2, 0.0)], 0, a.prompt_end)
+
+
+def test_pruned_prefill_flops_match_the_counter_plus_the_probe():
+    """The cost model with each layer's real token count against torch's FLOP counter over
+    pruned prefills; the counter also sees the probe (comp.md §6 leaves it out of the
+    convention): per site a q row, keys for every token entering it, and one score row."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmprune.runtime.runtime import TokenRuntime
+
+    a = make()
+    a.model.set_attn_implementation("eager")   # torch does not count the CPU SDPA kernel
+    g = trace(a)
+    rt = TokenRuntime.attach(g)
+    rt.set_decoder(pdrop_sites(4, 0.5))
+    b = batch(a)
+    cfg = a.model.config.text_config
+    d, heads, kv = cfg.hidden_size // cfg.num_attention_heads, cfg.num_attention_heads, cfg.num_key_value_heads
+    analytic = probe = 0.0
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        for i in range(len(b["prompt_ids"])):   # one example at a time, at its own length
+            n = int(b["prompt_mask"][i].sum())
+            a.model(input_ids=b["prompt_ids"][i:i + 1, -n:], pixel_values=b["pixel_values"][i:i + 1],
+                    logits_to_keep=1)
+            vision = a.tokens_per_example(b)["vision"][i:i + 1]
+            counts = {gid: vision for gid, grp in g.groups.items() if grp.tower == "vision"}
+            counts.update(rt.counts())
+            analytic += float(g.cost.flops_per_example(counts).sum())
+            for site in rt.decoder.sites:
+                entering = int(rt.decoder.last_counts[site.layer - 1][0])
+                probe += 2 * cfg.hidden_size * heads * d + 2 * entering * cfg.hidden_size * kv * d \
+                    + 2 * heads * entering * d
+    assert rt.decoder.last_counts[3][0] < rt.decoder.last_counts[0][0]
+    assert abs(analytic + probe - fc.get_total_flops()) / fc.get_total_flops() < 0.01
