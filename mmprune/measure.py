@@ -73,33 +73,38 @@ def latency_batch(ctx: Context, spec: EvaluationSpec) -> dict[str, torch.Tensor]
 
 
 @torch.inference_mode()
-def latencies_ms(adapters: Sequence[Adapter], batch: dict[str, torch.Tensor],
-                 spec: EvaluationSpec) -> list[float]:
-    """Median forward latency of each adapter's model, timed interleaved so load drifts hit all."""
+def _interleaved_medians_ms(calls: Sequence, spec: EvaluationSpec) -> list[float]:
+    """Median wall time of each call, the calls timed interleaved so load drifts hit all."""
     threads = torch.get_num_threads()
     if spec.threads:
         torch.set_num_threads(spec.threads)
     try:
-        for a in adapters:
-            a.model.eval()
+        for call in calls:
             for _ in range(spec.latency_warmup):
-                a.forward(batch)
-        times: list[list[float]] = [[] for _ in adapters]
+                call()
+        times: list[list[float]] = [[] for _ in calls]
         for _ in range(spec.latency_repeats):
-            for i, a in enumerate(adapters):
+            for i, call in enumerate(calls):
                 t0 = time.perf_counter()
-                a.forward(batch)
+                call()
                 times[i].append((time.perf_counter() - t0) * 1000)
     finally:
         torch.set_num_threads(threads)
     return [statistics.median(t) for t in times]
 
 
+def latencies_ms(adapters: Sequence[Adapter], batch: dict[str, torch.Tensor],
+                 spec: EvaluationSpec) -> list[float]:
+    """Median forward latency of each adapter's model, timed interleaved so load drifts hit all."""
+    for a in adapters:
+        a.model.eval()
+    return _interleaved_medians_ms([lambda a=a: a.forward(batch) for a in adapters], spec)
+
+
 #: decode steps timed per generation: per-token decode time = (T(1 + k) − T(1)) / k
 DECODE_STEPS = 8
 
 
-@torch.inference_mode()
 def generation_latencies_ms(adapters: Sequence[Adapter], batch: dict[str, torch.Tensor],
                             spec: EvaluationSpec) -> list[dict[str, float]] | None:
     """Time to first token and per-token decode time of each adapter's model (greedy, KV
@@ -110,26 +115,11 @@ def generation_latencies_ms(adapters: Sequence[Adapter], batch: dict[str, torch.
     """
     if any(type(a).generate_tokens is Adapter.generate_tokens for a in adapters):
         return None
-    threads = torch.get_num_threads()
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    try:
-        for a in adapters:
-            for _ in range(spec.latency_warmup):
-                a.generate_tokens(batch, 1 + DECODE_STEPS)
-        first = [[] for _ in adapters]
-        longer = [[] for _ in adapters]
-        for _ in range(spec.latency_repeats):
-            for i, a in enumerate(adapters):
-                for n, out in ((1, first[i]), (1 + DECODE_STEPS, longer[i])):
-                    t0 = time.perf_counter()
-                    a.generate_tokens(batch, n)
-                    out.append((time.perf_counter() - t0) * 1000)
-    finally:
-        torch.set_num_threads(threads)
-    return [{"ttft_ms": statistics.median(f),
-             "decode_ms_per_token": max(statistics.median(g) - statistics.median(f), 0.0) / DECODE_STEPS}
-            for f, g in zip(first, longer)]
+    calls = [lambda a=a, n=n: a.generate_tokens(batch, n)
+             for a in adapters for n in (1, 1 + DECODE_STEPS)]
+    ms = _interleaved_medians_ms(calls, spec)
+    return [{"ttft_ms": first, "decode_ms_per_token": max(longer - first, 0.0) / DECODE_STEPS}
+            for first, longer in zip(ms[0::2], ms[1::2])]
 
 
 def measure(ctx: Context, spec: EvaluationSpec, *, with_latency: bool = True) -> dict:

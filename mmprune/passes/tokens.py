@@ -17,7 +17,7 @@ from mmprune.context import Context
 from mmprune.errors import MMPruneError
 from mmprune.measure import group_token_counts
 from mmprune.passes.base import FitSplit, Pass, PassParams
-from mmprune.runtime.decoder import DecoderSite, pdrop_sites
+from mmprune.runtime.decoder import DECODER_TOWER, DecoderSite, geometric_sites, pdrop_sites
 from mmprune.runtime.runtime import TokenRuntime
 
 #: per method: position policy and probe layer of the published code (tokens.md §4)
@@ -62,9 +62,7 @@ class TokenPrune(Pass):
             if len(layers) != 1:
                 raise MMPruneError(f"token_prune: fastv has one site, got layers {layers}")
             return [DecoderSite(layers[0], keep)]
-        if p.layers is None:
-            return pdrop_sites(num_layers, keep)
-        return [DecoderSite(layer, keep ** (s + 1)) for s, layer in enumerate(sorted(p.layers))]
+        return pdrop_sites(num_layers, keep) if p.layers is None else geometric_sites(p.layers, keep)
 
     def run(self, ctx: Context) -> None:
         p = self.params
@@ -89,7 +87,7 @@ class TokenPrune(Pass):
         batches = list(ctx.batches(p.split, min(p.examples, 64)))
         batches = batches[:max(1, -(-p.examples // 64))]
         cost = ctx.graph.cost
-        tower = None if p.flops_scope == "model" else rt.decoder_tower
+        tower = None if p.flops_scope == "model" else DECODER_TOWER
 
         def flops(sites: list[DecoderSite]) -> float:
             rt.set_decoder(sites, position, probe)

@@ -63,11 +63,15 @@ class _Tokens:
     offset: torch.Tensor    # [B] tokens dropped so far
 
 
+def geometric_sites(layers: list[int], ratio: float) -> list[DecoderSite]:
+    """PyramidDrop's keep shares: the s-th site (1-based, by layer) keeps ratio^s of the image tokens."""
+    return [DecoderSite(layer, ratio ** (s + 1)) for s, layer in enumerate(sorted(layers))]
+
+
 def pdrop_sites(num_layers: int, ratio: float = 0.5, stages: int = 3) -> list[DecoderSite]:
     """PyramidDrop's schedule: sites at round(L·s/(stages+1)), keeping ratio^s of the image tokens."""
-    layers = sorted({round(num_layers * s / (stages + 1)) for s in range(1, stages + 1)}
-                    & set(range(1, num_layers)))
-    return [DecoderSite(layer, ratio ** (s + 1)) for s, layer in enumerate(layers)]
+    layers = {round(num_layers * s / (stages + 1)) for s in range(1, stages + 1)}
+    return geometric_sites(sorted(layers & set(range(1, num_layers))), ratio)
 
 
 class DecoderTokenPruner:
@@ -92,7 +96,8 @@ class DecoderTokenPruner:
         self.enabled = True
         self.tower = DECODER_TOWER
         self._input_ids: torch.Tensor | None = None
-        self._valid0: torch.Tensor | None = None
+        self._query: torch.Tensor | None = None     # [B] original index of each probe query
+        self._n_image: torch.Tensor | None = None   # [B] image tokens of each prompt
         self._stages: list[_Stage] = []
         self._prefill_len = 0
         self._cache = None          # the KV cache the last prefill filled, and its length now
@@ -194,7 +199,8 @@ class DecoderTokenPruner:
         valid = (attention_mask.bool() if attention_mask is not None
                  else torch.ones(b, n, dtype=torch.bool, device=x.device))
         index = torch.arange(n, device=x.device).expand(b, n)
-        self._valid0 = valid
+        self._query = self.query_index(ids, valid)
+        self._n_image = (ids == self.image_token_id).sum(1)
         return _Tokens(x, index, valid, (ids == self.image_token_id) & valid,
                        position_ids.expand(b, n), torch.zeros(b, dtype=torch.long, device=x.device))
 
@@ -206,14 +212,12 @@ class DecoderTokenPruner:
               pos_emb: tuple[torch.Tensor, torch.Tensor]) -> _Tokens | None:
         """The tokens left after `site`, scored by `layer`'s attention probe on its input `x`;
         None when the site keeps every token."""
-        query_orig = self.query_index(self._input_ids, self._valid0)
         # the query's current index: where its original index sits now (it is never dropped)
-        query = (t.index == query_orig[:, None]).float().argmax(1)
+        query = (t.index == self._query[:, None]).float().argmax(1)
         with torch.no_grad():       # scores select tokens; no gradient flows through them
             probs = attention_probe(layer, x, query, pos_emb, self._allowed(t, query))
         score = probs.mean(1)                                         # mean over heads
-        n_image0 = (self._input_ids == self.image_token_id).sum(1)
-        keep_n = torch.ceil(site.keep * n_image0.float() - 1e-6).long()
+        keep_n = torch.ceil(site.keep * self._n_image.float() - 1e-6).long()
         score = score.masked_fill(~t.image, float("-inf"))
         order = score.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)

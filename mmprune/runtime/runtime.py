@@ -15,7 +15,7 @@ import torch
 
 from mmprune.errors import MMPruneError
 from mmprune.graph.model_graph import ModelGraph
-from mmprune.runtime.decoder import DECODER_TOWER, DecoderSite, DecoderTokenPruner
+from mmprune.runtime.decoder import DecoderSite, DecoderTokenPruner
 from mmprune.runtime.tower import ManagedTower, Observer, SiteControl
 
 #: attribute of the model under which the installed runtime is kept
@@ -75,11 +75,6 @@ class TokenRuntime:
             self.towers.pop(name).uninstall()
         if not self.towers and self.decoder is None:
             self.uninstall()
-
-    @property
-    def decoder_tower(self) -> str:
-        """The graph tower of the decoder LLM's blocks (where decoder token sites act)."""
-        return DECODER_TOWER
 
     @property
     def active(self) -> bool:
