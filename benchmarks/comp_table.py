@@ -38,7 +38,9 @@ LLAVA_TOKEN_METHODS = ("pdrop", "fastv", "pdrop_sft")
 def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
     if family == "llava":
         base = ROOT / "recipes" / "baselines"
-        return {"pdrop": (ROOT / "recipes" / "pdrop_llava.yaml", []),
+        return {"comp": (ROOT / "recipes" / f"comp_{family}_{task}.yaml", []),
+                "sjp": (base / f"sjp_{family}_{task}.yaml", []),
+                "pdrop": (ROOT / "recipes" / "pdrop_llava.yaml", []),
                 "fastv": (ROOT / "recipes" / "fastv_llava.yaml", []),
                 "pdrop_sft": (base / f"pdrop_sft_{family}_{task}.yaml", []),
                 "params": (base / f"params_{family}_{task}.yaml", [])}
@@ -97,12 +99,23 @@ def run_one(family: str, task: str, method: str, ratio: float) -> dict:
         return {**row, "flops_scope": "decoder",
                 "achieved_flops_reduction": round(1 - after / before, 4),
                 "model_flops_reduction": row["achieved_flops_reduction"],
-                "sites": report["state"].get("token_prune", {}).get("sites")}
+                "sites": report["state"].get("token_prune", {}).get("sites"),
+                **_comp_summary(report)}
     cp = report["state"]["comp"][0]["params"]
     return {**row,
             # the search schedule, so rows measured under different recipes are not confused
             "schedule": f"quantum {cp['stage_quantum']}, K {cp['k_min']}, {cp['cost_metric']}"
                         + (f", param quantum {pq}" if (pq := _param_quantum(report)) else "")}
+
+
+def _comp_summary(report: dict) -> dict:
+    """LLaVA CoMP / SJP rows: each token mode's final θ and the modes the stages ran."""
+    comps = report["state"].get("comp")
+    if not comps:
+        return {}
+    stages = [t["mode"] for c in comps for t in c["trajectory"] if t["mode"]]
+    return {"thresholds": comps[-1]["thresholds"],
+            "stages": {m: stages.count(m) for m in dict.fromkeys(stages)}}
 
 
 def _param_quantum(report: dict) -> float | None:

@@ -35,7 +35,8 @@ def group_token_counts(ctx: Context, batch: dict[str, torch.Tensor]) -> dict[str
     """Tokens per example [B] at every unit group for `batch`.
 
     Without token pruning every block of a tower sees the tower's input tokens. With a token
-    runtime installed, the inference forward is run and each block's real counts are read.
+    runtime installed, the inference forward (a generating model's prefill) is run and each
+    block's real counts are read.
     """
     per_tower = ctx.adapter.tokens_per_example(batch)
     counts = {gid: per_tower[g.tower].double() for gid, g in ctx.graph.groups.items()
@@ -46,7 +47,7 @@ def group_token_counts(ctx: Context, batch: dict[str, torch.Tensor]) -> dict[str
     runtime = runtime_of(ctx.model)
     if runtime is not None and runtime.active:
         with torch.inference_mode():
-            ctx.adapter.forward(batch)
+            ctx.adapter.prefill(batch)
         counts.update(runtime.counts())
     return counts
 

@@ -55,18 +55,21 @@ class CIPStatistics:
         """Per group, one score per current unit: mean_j |W_ij| · sqrt(G_i / examples)."""
         out = {}
         adapter = self.graph.adapter
-        towers = {spec.tower: spec for spec in adapter.managed_towers()}
+        towers = {spec.tower: spec for spec in adapter.managed_towers()}   # LLaVA: none
         towers.update({spec.cross_tower: spec for spec in towers.values() if spec.cross_tower})
         for gid, moment in self.sums.items():
             g = self.graph.groups[gid]
-            spec = towers[g.tower]
-            layer = getattr(adapter.module(spec.encoder), spec.layers)[g.layer]
-            if g.kind != "head":
-                lin = spec.ops.down_proj(layer)
-            elif g.tower == spec.tower:
-                lin = spec.ops.out_proj(layer)
+            spec = towers.get(g.tower)
+            if spec is None:        # a decoder LLM's layer (no managed tower): the sites say
+                lin = adapter.module(f"{g.site.path}.{g.site.o if g.kind == 'head' else g.site.fc_out}")
             else:
-                lin = spec.ops.cross_out_proj(layer)
+                layer = getattr(adapter.module(spec.encoder), spec.layers)[g.layer]
+                if g.kind != "head":
+                    lin = spec.ops.down_proj(layer)
+                elif g.tower == spec.tower:
+                    lin = spec.ops.out_proj(layer)
+                else:
+                    lin = spec.ops.cross_out_proj(layer)
             # torch keeps W as [out, in]; the paper's rows (input channels) are its columns
             w = lin.weight.detach().abs().double().mean(dim=0)
             per_channel = w * (moment / max(self.examples[gid], 1)).sqrt()

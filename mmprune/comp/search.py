@@ -1,8 +1,11 @@
 """The CoMP search (comp.md §5.3): stages of one FLOPs quantum, each advancing one mode.
 
-Modes come from the graph's tags: a parameter mode per tower that has unit groups
-('vision_params', 'language_params', 'cross_params') and a token mode per tower the adapter
-lets the runtime manage ('vision_tokens', 'language_tokens'). A stage plans the removal of one
+Modes come from the graph's tags: a parameter mode per tower that has unit groups and a host
+that can fade them ('vision_params', 'language_params', 'cross_params'), and the token modes
+of the runtime's sites ('vision_tokens', 'language_tokens'): a managed tower's blocks (CLIP,
+BLIP), or sites between the layers of a decoder LLM, where image and instruction tokens are the
+two modes' candidates (LLaVA; there the decoder is the only host, so the ViT is not pruned).
+A stage plans the removal of one
 quantum in its mode, trains K steps while the planned heads/channels fade out (μ = 1 − k/K) or
 the token threshold ramps, commits, and measures quality and FLOPs on the validation subset so
 MPS can price the mode. When the target is reached, faded units are removed physically.
@@ -30,19 +33,26 @@ from mmprune.graph import remove_units
 from mmprune.graph.units import HeadGroup, UnitGroup
 from mmprune.measure import group_token_counts, headline
 from mmprune.runtime.runtime import TokenRuntime
-from mmprune.runtime.tower import SiteControl
 from mmprune.training import Trainer, batch_stream
 
-TOKEN_TOWERS = {"vision_tokens": "vision", "language_tokens": "language"}
 PARAM_TOWERS = {"vision_params": "vision", "language_params": "language", "cross_params": "cross"}
 
 
 def available_modes(ctx: Context, runtime: TokenRuntime) -> list[str]:
-    """The modes this model has, from the graph's towers and the runtime's managed towers."""
+    """The modes this model has: parameter modes of towers with units and a host that runs
+    their blocks with masks, and the runtime's token modes."""
     towers = {g.tower for g in ctx.graph.groups.values()}
-    modes = [m for m, t in PARAM_TOWERS.items() if t in towers]
-    modes += [m for m, t in TOKEN_TOWERS.items() if t in runtime.towers]
+    modes = [m for m, t in PARAM_TOWERS.items() if t in towers and runtime.host(t) is not None]
+    modes += list(runtime.token_modes())
     return [m for m in CANONICAL if m in modes]
+
+
+def has_decoder_llm(adapter) -> bool:
+    try:
+        adapter.decoder_layers()
+    except MMPruneError:
+        return False
+    return True
 
 
 @dataclass
@@ -68,34 +78,41 @@ class CompSearch:
         self.ctx, self.p, self.log = ctx, p, log
         self.graph = ctx.graph
         self.rt = TokenRuntime.attach(ctx.graph)
+        if has_decoder_llm(ctx.adapter):
+            self.rt.manage_decoder().head_reduce = p.head_reduce or "mean"
         for t in self.rt.towers.values():
-            t.head_reduce = p.head_reduce
+            t.head_reduce = p.head_reduce or "max"
         self.rt.set_cit(p.cit)
         self.stats = CIPStatistics(ctx.graph, token_weighted=p.cip)
         modes = available_modes(ctx, self.rt)
         asked = modes if p.modes == "all" else list(p.modes)
+        towers = {g.tower for g in ctx.graph.groups.values()}
+        unmanaged = [m for m in asked if m in PARAM_TOWERS and m not in modes and PARAM_TOWERS[m] in towers]
+        if unmanaged:
+            raise MMPruneError(f"comp: the '{ctx.adapter.name}' adapter does not run the towers of "
+                               f"{unmanaged} block by block, so their units cannot fade out")
         missing = [m for m in asked if m not in modes]
         if missing:
             raise MMPruneError(f"comp: this model has no mode(s) {missing}; it has {', '.join(modes)}")
         self.modes = [m for m in CANONICAL if m in asked]
-        unmanaged = [m for m in self.modes if m in PARAM_TOWERS and self.rt.host(PARAM_TOWERS[m]) is None]
-        if unmanaged:
-            raise MMPruneError(f"comp: the '{ctx.adapter.name}' adapter does not run the towers of "
-                               f"{unmanaged} block by block, so their units cannot fade out")
+        self.scope = None       # FLOPs of the whole model
+        if p.flops_scope == "decoder":
+            if self.rt.decoder is None:
+                raise MMPruneError(f"comp: flops_scope 'decoder' needs a decoder LLM; the "
+                                   f"'{ctx.adapter.name}' adapter has none (use 'model')")
+            self.scope = self.rt.decoder.tower
         if p.schedule == "round_robin":
             self.scheduler = ModeScheduler(self.modes, rho=0.0, lambda0=0.0, seed=ctx.seed)
         else:
             self.scheduler = ModeScheduler(self.modes, rho=p.rho, tau=p.tau, lambda0=p.lambda0,
                                            i_max=p.i_max, seed=ctx.seed)
         self.frozen: dict[str, set[int]] = {gid: set() for gid in self.graph.groups}
+        self.token_modes = self.rt.token_modes()      # mode -> the tower whose counts it changes
         for mode in self.modes:
-            if mode in TOKEN_TOWERS:
-                tower = TOKEN_TOWERS[mode]
-                if self.rt.theta(tower) == 0.0:
-                    layers = p.token_layers.get(tower) if p.token_layers else None
-                    # a merged token has no place in causal order: causal towers only drop
-                    merge = p.merge_dropped == "fuse_one" and not self.rt.towers[tower].spec.causal
-                    self.rt.set_sites(tower, SiteControl(0.0, p.min_token_frac, merge), layers)
+            if mode in self.token_modes:
+                tower = self.token_modes[mode]
+                layers = p.token_layers.get(tower) if p.token_layers else None
+                self.rt.enable_token_mode(mode, p.min_token_frac, p.merge_dropped == "fuse_one", layers)
         self.v_sub = self._fixed_batches(p.val_split, p.v_sub, ctx.seed + 1)
         self.probe = self._fixed_batches(p.train_split, p.probe_set, ctx.seed + 2)
         self.trajectory: list[dict] = []
@@ -128,7 +145,7 @@ class CompSearch:
                 (self.rt.without_sites() if dense else nullcontext()):
             for batch in batches:
                 c = group_token_counts(self.ctx, batch)
-                per_example.append(self.graph.cost.flops_per_example(c, sizes))
+                per_example.append(self.graph.cost.flops_per_example(c, sizes, tower=self.scope))
                 counts.append(c)
         merged = {gid: torch.cat([c[gid] for c in counts]) for gid in counts[0]}
         return float(torch.cat(per_example).mean()), merged
@@ -245,15 +262,14 @@ class CompSearch:
     def plan_tokens(self, mode: str, quantum: float, f_now: float, f0: float,
                     counts: dict[str, torch.Tensor]) -> StagePlan:
         """Bisection on θ so that the probe set's mean FLOPs fall by quantum ± 5%."""
-        tower = TOKEN_TOWERS[mode]
+        tower = self.token_modes[mode]
         # |Cand|·S ≥ θ fails for every candidate once θ exceeds the token count: no use going higher
         cap = 1.0 + max(float(c.max()) for gid, c in counts.items()
                         if ":" not in gid and self.graph.groups[gid].tower == tower)
-        old = self.rt.theta(tower)
-        site = next(c.site for c in self.rt.towers[tower].controls if c.site is not None)
+        old = self.rt.mode_theta(mode)
 
         def removed(theta: float) -> float:
-            site.theta = theta
+            self.rt.set_mode_theta(mode, theta)
             return (f_now - self.measure_flops(self.probe)[0]) / f0
 
         try:
@@ -280,7 +296,7 @@ class CompSearch:
                         hi, best, best_r = mid, mid, r
             return StagePlan(mode, theta=(old, best), planned_flops=best_r)
         finally:
-            site.theta = old
+            self.rt.set_mode_theta(mode, old)
 
     # ---- stages
     def _apply(self, plan: StagePlan, frac: float) -> None:
@@ -298,10 +314,7 @@ class CompSearch:
             self.rt.set_mask(gid, mask)
         if plan.theta is not None:
             old, new = plan.theta
-            tower = TOKEN_TOWERS[plan.mode]
-            for c in self.rt.towers[tower].controls:
-                if c.site is not None:
-                    c.site.theta = old + (new - old) * frac
+            self.rt.set_mode_theta(plan.mode, old + (new - old) * frac)
 
     def run(self, trainer_factory: Callable[[int], Trainer]) -> dict[str, Any]:
         p, ctx = self.p, self.ctx
@@ -333,7 +346,7 @@ class CompSearch:
             mode, why = choice
             quantum = min(p.stage_quantum, f_cur - target)
             f_probe_now, counts = self.measure_flops(self.probe)
-            if mode in TOKEN_TOWERS:
+            if mode in self.token_modes:
                 plan = self.plan_tokens(mode, quantum, f_probe_now, f0_probe, counts)
             else:
                 plan = self.plan_params(mode, quantum, counts, f_probe_now, f0_probe)
@@ -356,14 +369,14 @@ class CompSearch:
             f_new = self.measure_flops(self.v_sub)[0] / f0
             r = self.scheduler.record(mode, q_cur, q_new, f_cur, f_new, why=why,
                                       planned=max(plan.planned_flops, plan.nominal),
-                                      theta={t: self.rt.theta(t) for t in self.rt.towers})
+                                      theta=self._thetas())
             self.trajectory.append({"stage": self.scheduler.stage, "mode": mode, "why": why,
                                     "quality": q_new, "flops": f_new, "r": r,
                                     "removed": f_cur - f_new, "planned": plan.planned_flops,
                                     "nominal": plan.nominal,
                                     "quantum": quantum, "cap": min(quantum, plan.cap),
                                     "last": plan.last,
-                                    "theta": {t: self.rt.theta(t) for t in self.rt.towers},
+                                    "theta": self._thetas(),
                                     "units": {gid: len(v) for gid, v in plan.units.items()},
                                     "param_share": sum(self.graph.cost.unit_params[gid] * len(v)
                                                        for gid, v in plan.units.items()) / self._p0})
@@ -375,8 +388,11 @@ class CompSearch:
         self.freeze()
         return {"dense_flops": f0, "target": target, "final_flops": f_cur, "final_quality": q_cur,
                 "steps_per_stage": k, "warmup_steps": warmup, "modes": self.modes,
-                "thresholds": {t: self.rt.theta(t) for t in self.rt.towers},
+                "thresholds": self._thetas(),
                 "trajectory": self.trajectory}
+
+    def _thetas(self) -> dict[str, float]:
+        return {m: self.rt.mode_theta(m) for m in self.token_modes}
 
     def _close_window(self) -> None:
         """Score with this window's statistics (the next stage selects on them), then reset."""

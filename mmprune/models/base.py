@@ -210,6 +210,11 @@ class Adapter:
         """The inference forward whose latency is reported."""
         return self.model(**batch)
 
+    def prefill(self, batch: dict[str, torch.Tensor]) -> Any:
+        """The part of `forward` whose token counts the cost model prices (comp.md §6): all of
+        it, except for generating models, where it is the prompt's one forward."""
+        return self.forward(batch)
+
     # ---- helpers
     def module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path)

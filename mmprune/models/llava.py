@@ -65,8 +65,8 @@ class LlavaAdapter(Adapter):
     # ---- structure
     # `vision`: the CLIP ViT; `language`: the Llama decoder (query heads of its grouped-query
     # attention, SwiGLU channels). Their blocks are what prune_layerwise sparsifies, what the
-    # cost model counts and what structured pruning removes; CoMP on this family (token sites
-    # inside the decoder) is not built yet.
+    # cost model counts and what structured pruning removes. CoMP prunes the decoder only:
+    # its masks, statistics and token sites live in the runtime's `DecoderTokenPruner`.
     _VIT = "model.vision_tower.encoder.layers"
     _LLM = "model.language_model.layers"
 
@@ -173,7 +173,24 @@ class LlavaAdapter(Adapter):
     def decoder_token_pruner(self, sites: list, position: str, probe: str):
         from mmprune.runtime.decoder import DecoderTokenPruner
         return DecoderTokenPruner(self.model, sites, self.model.config.image_token_id,
-                                  self.prompt_end, position=position, probe=probe)
+                                  self.prompt_end, position=position, probe=probe,
+                                  instruction_tokens=self.instruction_tokens)
+
+    def instruction_tokens(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[B, N] the instruction text: after the last image token, before the answer cue that
+        `prompt_end` finds (the cue, BOS, image tokens and answer are not instruction)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+        image = input_ids == self.model.config.image_token_id
+        after_image = torch.where(image, positions, -1).amax(1)
+        end = self.prompt_end(input_ids, valid)
+        cue = self._ids(ANSWER_CUE) if self.tokenizer is not None else []
+        k = len(cue)
+        if k and input_ids.shape[1] >= k:
+            start = (end - k + 1).clamp_min(0)
+            window = input_ids.gather(1, start[:, None] + torch.arange(k, device=input_ids.device))
+            is_cue = (window == torch.tensor(cue, device=input_ids.device)).all(1)
+            end = torch.where(is_cue, start, end)
+        return valid.bool() & (positions > after_image[:, None]) & (positions < end[:, None])
 
     def prompt_end(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Per example, the index of the token that ends the prompt: the last token of the last
@@ -215,6 +232,11 @@ class LlavaAdapter(Adapter):
     def forward(self, batch):
         # a fixed number of tokens: timed work must not depend on when each model says [EOS]
         return self.generate_tokens(batch, self.max_answer_tokens + 1)
+
+    def prefill(self, batch):
+        """The prompt's forward, as generation's first step runs it (the last position's logits)."""
+        return self.model(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"],
+                          pixel_values=batch["pixel_values"], use_cache=False, logits_to_keep=1)
 
     # ---- layer-wise pruning
     def layerwise_blocks(self) -> list[tuple[str, str]]:

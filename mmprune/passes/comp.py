@@ -43,12 +43,17 @@ class CompParams(PassParams):
     cip: bool = Field(True, description="Token-weighted parameter importance (off: plain structured Wanda).")
     cit: bool = Field(True, description="Head masks scale attention maps before token scoring "
                       "(off: plain attention).")
-    head_reduce: Literal["max", "mean"] = Field("max", description="How CIT combines heads.")
+    head_reduce: Literal["max", "mean"] | None = Field(None, description="How CIT combines heads: "
+                                                       "max, or the mask-weighted mean (default: "
+                                                       "max in ViT/BERT towers, paper Eq. 6; mean "
+                                                       "in a decoder LLM, PyramidDrop).")
     merge_dropped: Literal["none", "fuse_one"] = Field("none", description="none: drop tokens; "
                                                        "fuse_one: fold them into one weighted token "
                                                        "(non-causal towers; causal ones drop).")
     token_layers: dict[str, list[int]] | None = Field(None, description="Blocks with a token site "
-                                                      "per tower (default: every block).")
+                                                      "per tower (default: every block; in a "
+                                                      "decoder LLM, tower 'language': the "
+                                                      "layers round(L·{1/4, 1/2, 3/4})).")
     min_heads_per_module: int = Field(1, ge=1, description="Heads every attention module keeps.")
     min_ffn_frac: float = Field(0.02, gt=0.0, le=1.0, description="Share of MLP channels kept at least.")
     max_stage_share: float = Field(0.34, gt=0.0, le=1.0, description="Share of a parameter "
@@ -69,6 +74,11 @@ class CompParams(PassParams):
                                                            "metric or −100 × validation loss.")
     v_sub: int = Field(1000, ge=8, description="Validation examples that price each stage.")
     probe_set: int = Field(256, ge=8, description="Training examples that size each stage's quantum.")
+    flops_scope: Literal["model", "decoder"] = Field("model", description="What `target` and "
+                                                     "`stage_quantum` are shares of: the whole "
+                                                     "model's FLOPs, or a decoder LLM's prefill "
+                                                     "FLOPs (LLaVA-style models, where CoMP prunes "
+                                                     "the decoder only).")
     tol: float = Field(0.005, ge=0.0, description="Stop within this share of the dense FLOPs of the target.")
     train_split: FitSplit = Field("train", description="Split trained on.")
     val_split: FitSplit = Field("validation", description="Split that prices stages (never test).")

@@ -15,6 +15,13 @@ generation gives what recomputing the whole sequence without a cache gives (caus
 the query token never sees generated tokens, so the drop decisions are the same).
 The last hidden state is scattered back to the input's length (zeros where tokens were dropped,
 which are image positions that carry no labels), so logits and labels keep their alignment.
+
+For CoMP the pruner is also the decoder's host (what `ManagedTower` is for CLIP and BLIP):
+`controls` hold soft head and channel masks, applied to the inputs of `o_proj` and `down_proj`;
+with an `observer` the probe runs at every layer and CIP receives each layer's masked head
+contexts and MLP activations with the probe scores as token weights (comp.md §3); and sites can
+keep candidates by a threshold θ per token mode (image tokens: `vision_tokens`, instruction
+tokens: `language_tokens`), |Cand|·S ≥ θ, besides PDrop's fixed share.
 """
 from __future__ import annotations
 
@@ -29,7 +36,9 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from mmprune.errors import MMPruneError
+from mmprune.runtime import tokens as T
 from mmprune.runtime.probe import attention_probe
+from mmprune.runtime.tower import BlockControl, Observer
 
 PositionPolicy = Literal["keep_original", "renumber"]
 #: the graph tower whose unit groups are the decoder's layers (LLaVA adapter: 'language')
@@ -58,7 +67,8 @@ class _Tokens:
     x: torch.Tensor         # [B, n, D]
     index: torch.Tensor     # [B, n] original indices
     valid: torch.Tensor     # [B, n]
-    image: torch.Tensor     # [B, n] candidates
+    image: torch.Tensor     # [B, n] image tokens (candidates of `vision_tokens`)
+    instruction: torch.Tensor   # [B, n] instruction tokens (candidates of `language_tokens`)
     pos: torch.Tensor       # [B, n] position ids fed to RoPE
     offset: torch.Tensor    # [B] tokens dropped so far
 
@@ -74,27 +84,43 @@ def pdrop_sites(num_layers: int, ratio: float = 0.5, stages: int = 3) -> list[De
     return geometric_sites(sorted(layers & set(range(1, num_layers))), ratio)
 
 
+#: token modes a decoder site can advance, and the `_Tokens` field holding each one's candidates
+TOKEN_MODES = {"vision_tokens": "image", "language_tokens": "instruction"}
+
+
 class DecoderTokenPruner:
-    """Installed on a `LlavaForConditionalGeneration` (`model.model.language_model`)."""
+    """Installed on a `LlavaForConditionalGeneration` (`model.model.language_model`).
+
+    `instruction_tokens(input_ids, valid)` marks the instruction text (the `language_tokens`
+    candidates); without it only image tokens are candidates.
+    """
 
     def __init__(self, model: nn.Module, sites: list[DecoderSite], image_token_id: int,
                  query_index: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
-                 position: PositionPolicy = "renumber", probe: Literal["current", "previous"] = "current"):
+                 position: PositionPolicy = "renumber", probe: Literal["current", "previous"] = "current",
+                 instruction_tokens: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         self.model = model
         self.lm = model.model.language_model
-        n = self.lm.config.num_hidden_layers
-        layers = [s.layer for s in sites]
-        if len(set(layers)) != len(layers) or any(not 0 < s.layer < n for s in sites):
-            raise MMPruneError(f"decoder token sites need distinct layers in 1..{n - 1}, got {layers}")
-        if any(not 0.0 < s.keep <= 1.0 for s in sites):
-            raise MMPruneError(f"decoder token sites keep a share in (0, 1], got {[s.keep for s in sites]}")
-        self.sites = sorted(sites, key=lambda s: s.layer)
         self.image_token_id = image_token_id
         self.query_index = query_index
+        self.instruction_tokens = instruction_tokens
         self.position = position
         self.probe = probe
+        self.set_sites(sites)
         self.enabled = True
         self.tower = DECODER_TOWER
+        #: θ per token mode (0: the mode keeps every candidate), shared by all sites
+        self.theta: dict[str, float] = {m: 0.0 for m in self.token_modes}
+        #: share of a mode's original candidates every site keeps at least (θ rule only)
+        self.min_keep_frac = 0.05
+        #: soft masks per layer (CoMP), and what receives CIP statistics
+        self.controls = [BlockControl() for _ in range(self.lm.config.num_hidden_layers)]
+        self.observer: Observer | None = None
+        self.head_reduce = "mean"
+        self.head_masked_scores = True
+        self._mask_handles: list = []
+        self._captured: dict[str, torch.Tensor] = {}
+        self._observing = False
         self._input_ids: torch.Tensor | None = None
         self._query: torch.Tensor | None = None     # [B] original index of each probe query
         self._n_image: torch.Tensor | None = None   # [B] image tokens of each prompt
@@ -106,10 +132,31 @@ class DecoderTokenPruner:
         #: per example, tokens entering each layer during the last prefill: layer -> [B]
         self.last_counts: dict[int, torch.Tensor] = {}
 
+    @property
+    def token_modes(self) -> list[str]:
+        return ["vision_tokens"] + (["language_tokens"] if self.instruction_tokens is not None else [])
+
+    def set_sites(self, sites: list[DecoderSite]) -> None:
+        n = self.lm.config.num_hidden_layers
+        layers = [s.layer for s in sites]
+        if len(set(layers)) != len(layers) or any(not 0 < s.layer < n for s in sites):
+            raise MMPruneError(f"decoder token sites need distinct layers in 1..{n - 1}, got {layers}")
+        if any(not 0.0 < s.keep <= 1.0 for s in sites):
+            raise MMPruneError(f"decoder token sites keep a share in (0, 1], got {[s.keep for s in sites]}")
+        self.sites = sorted(sites, key=lambda s: s.layer)
+
+    @property
+    def drops(self) -> bool:
+        """Whether any site can drop a token (a share below 1 or a positive θ)."""
+        return bool(self.sites) and (any(s.keep < 1.0 for s in self.sites)
+                                     or any(v > 0 for v in self.theta.values()))
+
     def policy(self) -> dict:
-        """What `mmprune.json` saves: sites as [layer, keep], position policy, probe layer."""
+        """What `mmprune.json` saves: sites as [layer, keep], position policy, probe layer, and
+        the θ of each token mode with its floor."""
         return {"sites": [[s.layer, s.keep] for s in self.sites], "position": self.position,
-                "probe": self.probe}
+                "probe": self.probe, "theta": dict(self.theta), "min_keep_frac": self.min_keep_frac,
+                "head_reduce": self.head_reduce}
 
     # ---- installation
     def install(self) -> None:
@@ -120,13 +167,36 @@ class DecoderTokenPruner:
             ids = kwargs.get("input_ids", args[0] if args else None)
             self._input_ids = ids
         self._handle = self.model.model.register_forward_pre_hook(capture, with_kwargs=True)
+        for i, layer in enumerate(self.lm.layers[: len(self.controls)]):
+            self._mask_handles += [
+                layer.self_attn.o_proj.register_forward_pre_hook(self._masked_input(i, "head")),
+                layer.mlp.down_proj.register_forward_pre_hook(self._masked_input(i, "channel"))]
         self.lm.forward = self.forward
 
     def uninstall(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        for h in self._mask_handles:
+            h.remove()
+        self._mask_handles.clear()
         vars(self.lm).pop("forward", None)
+
+    def _masked_input(self, i: int, kind: str):
+        """A pre-hook scaling head contexts (o_proj input) or MLP channels (down_proj input) by
+        layer `i`'s soft mask; while observing it keeps the masked input for CIP."""
+        def hook(module, args):
+            x = args[0]
+            ctl = self.controls[i]
+            mask = ctl.head_mask if kind == "head" else ctl.mlp_mask
+            if mask is not None:
+                if kind == "head":
+                    mask = mask.repeat_interleave(x.shape[-1] // mask.shape[0])
+                x = x * mask.reshape(-1).to(x.dtype)
+            if self._observing:
+                self._captured[kind] = x.detach()
+            return None if mask is None else (x, *args[1:])
+        return hook
 
     # ---- the decoder loop
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -150,35 +220,57 @@ class DecoderTokenPruner:
             raise MMPruneError("decoder token pruning: this KV cache was not filled by the last "
                                "prefill (continuing an earlier cache with a new prompt is not "
                                "supported); start generation from an empty cache")
-        tokens = None if decoding or not self.enabled else self._start(x, attention_mask, position_ids)
+        dropping = self.enabled and self.drops
+        observe = self.observer is not None and not decoding
+        tokens = self._start(x, attention_mask, position_ids) if (dropping or observe) and not decoding \
+            else None
         if not decoding:
             self._stages, self._prefill_len = [], n
             self.last_counts = {}
         self._cache, self._cache_len = past_key_values, past + n
         decode_pos = position_ids       # every stage offsets the original decode positions
-        site_at = {s.layer: s for s in self.sites} if self.enabled else {}
+        site_at = {s.layer: s for s in self.sites} if dropping else {}
         stages = {st.first_layer: st for st in self._stages}
         prev = None     # the previous layer's input and RoPE tables (FastV scores with them)
-        for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
-            stage = stages.get(i) if decoding else None
-            if stage is not None:
-                mask, pos_emb, position_ids = self._decode_stage(stage, x, attention_mask,
-                                                                 decode_pos, past)
-            elif i in site_at and tokens is not None:
-                tokens.x = x
-                kept = self._drop(tokens, site_at[i], *(
-                    (layer, x, pos_emb) if self.probe == "current" else (lm.layers[i - 1], *prev)))
-                if kept is not None:      # a site that keeps everything changes nothing
-                    tokens = kept
-                    x, position_ids = tokens.x, tokens.pos
-                    mask = self._prefill_mask(tokens, x.dtype)
-                    pos_emb = lm.rotary_emb(x, position_ids=position_ids)
-                    self._stages.append(_Stage(i, tokens.index, tokens.valid, tokens.offset))
-            if tokens is not None and not decoding:
-                self.last_counts[i] = tokens.valid.sum(1)
-            prev = (x, pos_emb)
-            x = layer(x, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
-                      past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        pending = None  # the previous layer's MLP activation: CIP scores it with this layer's probe
+        self._observing = observe
+        try:
+            for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
+                stage = stages.get(i) if decoding else None
+                s = None
+                if stage is not None:
+                    mask, pos_emb, position_ids = self._decode_stage(stage, x, attention_mask,
+                                                                     decode_pos, past)
+                elif tokens is not None:
+                    tokens.x = x
+                    if observe or (i in site_at and self.probe == "current"):
+                        s = self._scores(layer, i, tokens, x, pos_emb)
+                    if pending is not None:     # layer i − 1's MLP ran on exactly these tokens
+                        self._observe("mlp", i - 1, pending, s, tokens)
+                    if i in site_at:
+                        score = s if self.probe == "current" else \
+                            self._scores(lm.layers[i - 1], i - 1, tokens, *prev)
+                        kept = self._drop(tokens, site_at[i], score)
+                        if kept is not None:      # a site that keeps everything changes nothing
+                            tokens = kept
+                            x, position_ids = tokens.x, tokens.pos
+                            mask = self._prefill_mask(tokens, x.dtype)
+                            pos_emb = lm.rotary_emb(x, position_ids=position_ids)
+                            self._stages.append(_Stage(i, tokens.index, tokens.valid, tokens.offset))
+                            if observe:           # the layer's attention runs on the kept tokens
+                                s = self._scores(layer, i, tokens, x, pos_emb)
+                    self.last_counts[i] = tokens.valid.sum(1)
+                prev = (x, pos_emb)
+                x = layer(x, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
+                          past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                if observe:
+                    self._observe("attention", i, self._captured.pop("head"), s, tokens)
+                    pending = self._captured.pop("channel")
+            if observe and pending is not None:      # the last MLP: its own layer's scores
+                self._observe("mlp", len(self.controls) - 1, pending, s, tokens)
+        finally:
+            self._observing = False
+            self._captured.clear()
         x = lm.norm(x)
         if tokens is not None and self._stages:
             full = x.new_zeros(b, n, x.shape[-1])
@@ -200,30 +292,63 @@ class DecoderTokenPruner:
                  else torch.ones(b, n, dtype=torch.bool, device=x.device))
         index = torch.arange(n, device=x.device).expand(b, n)
         self._query = self.query_index(ids, valid)
-        self._n_image = (ids == self.image_token_id).sum(1)
-        return _Tokens(x, index, valid, (ids == self.image_token_id) & valid,
-                       position_ids.expand(b, n), torch.zeros(b, dtype=torch.long, device=x.device))
+        self._sink = valid.int().argmax(1)       # the first real token: an attention sink
+        image = (ids == self.image_token_id) & valid
+        instruction = torch.zeros_like(image)
+        if self.instruction_tokens is not None:
+            instruction = self.instruction_tokens(ids, valid) & valid & ~image \
+                & (index != self._query[:, None])
+        self._n_image = image.sum(1)
+        self._n_cand0 = {"vision_tokens": self._n_image, "language_tokens": instruction.sum(1)}
+        return _Tokens(x, index, valid, image, instruction, position_ids.expand(b, n),
+                       torch.zeros(b, dtype=torch.long, device=x.device))
+
+    def _scores(self, layer: nn.Module, i: int, t: _Tokens, x: torch.Tensor,
+                pos_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Raw token scores [B, n]: the probe query's attention, heads combined as CIT says
+        (each head's row scaled by its soft mask, comp.md §3.1)."""
+        # the query's current index: where its original index sits now (it is never dropped)
+        query = (t.index == self._query[:, None]).float().argmax(1)
+        with torch.no_grad():       # scores select tokens; no gradient flows through them
+            probs = attention_probe(layer, x, query, pos_emb, self._allowed(t, query))
+        mask = self.controls[i].head_mask if self.head_masked_scores else None
+        return T.reduce_heads(probs, None if mask is None else mask.detach().float(), self.head_reduce)
+
+    def _observe(self, kind: str, i: int, act: torch.Tensor, s: torch.Tensor, t: _Tokens) -> None:
+        """CIP statistics of layer `i`: token weights from probe scores; no global token, and the
+        sink (the first real token) weighs 0 (comp.md §3.2, exclude_sink)."""
+        valid = t.valid & (t.index != self._sink[:, None])
+        fn = self.observer.attention if kind == "attention" else self.observer.mlp
+        fn(self.tower, i, act, s.to(act.dtype), valid, torch.zeros_like(valid))
 
     def _allowed(self, t: _Tokens, query: torch.Tensor) -> torch.Tensor:
         q_orig = t.index.gather(1, query[:, None])
         return t.valid & (t.index <= q_orig)
 
-    def _drop(self, t: _Tokens, site: DecoderSite, layer: nn.Module, x: torch.Tensor,
-              pos_emb: tuple[torch.Tensor, torch.Tensor]) -> _Tokens | None:
-        """The tokens left after `site`, scored by `layer`'s attention probe on its input `x`;
-        None when the site keeps every token."""
-        # the query's current index: where its original index sits now (it is never dropped)
-        query = (t.index == self._query[:, None]).float().argmax(1)
-        with torch.no_grad():       # scores select tokens; no gradient flows through them
-            probs = attention_probe(layer, x, query, pos_emb, self._allowed(t, query))
-        score = probs.mean(1)                                         # mean over heads
-        keep_n = torch.ceil(site.keep * self._n_image.float() - 1e-6).long()
-        score = score.masked_fill(~t.image, float("-inf"))
-        order = score.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                                .expand_as(order))
-        keep = ~t.image | (rank < keep_n[:, None])
+    def _drop(self, t: _Tokens, site: DecoderSite, score: torch.Tensor) -> _Tokens | None:
+        """The tokens left after `site`, by raw scores `score` [B, n]; None when the site keeps
+        every token. Image tokens keep the site's share of the original count (PDrop), then
+        candidates of each token mode pass |Cand|·S ≥ θ (CoMP); everything else is protected."""
+        image = t.image
+        if site.keep < 1.0:
+            keep_n = torch.ceil(site.keep * self._n_image.float() - 1e-6).long()
+            ranked = score.masked_fill(~image, float("-inf"))
+            order = ranked.argsort(dim=1, descending=True, stable=True)
+            rank = torch.empty_like(order).scatter_(
+                1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+            image = image & (rank < keep_n[:, None])
+        keep = ~(t.image | t.instruction)
+        keep |= self._threshold(image, score, "vision_tokens")
+        keep |= self._threshold(t.instruction, score, "language_tokens")
         return None if bool(keep.all()) else self._gather(t, keep)
+
+    def _threshold(self, cand: torch.Tensor, score: torch.Tensor, mode: str) -> torch.Tensor:
+        """Candidates with |Cand|·S ≥ θ of `mode`, at least the top ⌈min_keep_frac·N₀⌉."""
+        theta = self.theta.get(mode, 0.0)
+        if theta <= 0:
+            return cand
+        floor = T.min_keep_count(self._n_cand0[mode], self.min_keep_frac)
+        return T.keep_mask(T.normalise(score, cand), cand, torch.zeros_like(cand), theta, floor)
 
     def _gather(self, t: _Tokens, keep: torch.Tensor) -> _Tokens:
         b, n = keep.shape
@@ -241,8 +366,8 @@ class DecoderTokenPruner:
             pos = pos - before.gather(1, sel)
         g = lambda v: v.gather(1, sel)                                        # noqa: E731
         x = t.x.gather(1, sel.unsqueeze(-1).expand(-1, -1, t.x.shape[-1]))
-        return _Tokens(x, g(t.index), g(t.valid) & filled, g(t.image) & filled, pos,
-                       t.offset + dropped.sum(1))
+        return _Tokens(x, g(t.index), g(t.valid) & filled, g(t.image) & filled,
+                       g(t.instruction) & filled, pos, t.offset + dropped.sum(1))
 
     def _prefill_mask(self, t: _Tokens, dtype: torch.dtype) -> torch.Tensor:
         causal = t.index[:, None, :] <= t.index[:, :, None]                  # [B, q, k]

@@ -20,6 +20,8 @@ from mmprune.runtime.tower import ManagedTower, Observer, SiteControl
 
 #: attribute of the model under which the installed runtime is kept
 ATTR = "_mmprune_runtime"
+#: the token mode of each managed tower's sites (CLIP, BLIP); a decoder's sites serve both modes
+TOKEN_TOWERS = {"vision_tokens": "vision", "language_tokens": "language"}
 
 
 class TokenRuntime:
@@ -69,12 +71,23 @@ class TokenRuntime:
         self.installed = False
 
     def release_idle(self) -> None:
-        """Hand towers without token sites back to their own (fused-kernel) forward; uninstall the
-        runtime when no tower is left. Call when masks are gone (after physical removal)."""
+        """Hand towers without token sites back to their own (fused-kernel) forward, and the
+        decoder too when its sites drop nothing; uninstall the runtime when nothing is left.
+        Call when masks are gone (after physical removal)."""
         for name in [n for n, t in self.towers.items() if all(c.site is None for c in t.controls)]:
             self.towers.pop(name).uninstall()
+        if self.decoder is not None and not self.decoder.drops:
+            self.set_decoder([])
         if not self.towers and self.decoder is None:
             self.uninstall()
+
+    def manage_decoder(self) -> DecoderTokenPruner:
+        """The decoder's pruner, installed without sites if there is none yet: CoMP's host for
+        decoder masks, statistics and θ sites (LLaVA-style models)."""
+        if self.decoder is None:
+            self.decoder = self.graph.adapter.decoder_token_pruner([], "renumber", "current")
+            self.decoder.install()
+        return self.decoder
 
     @property
     def active(self) -> bool:
@@ -82,38 +95,44 @@ class TokenRuntime:
         return bool(self.policy()["towers"]) or self.decoder is not None
 
     def set_decoder(self, sites: list[DecoderSite], position: str = "renumber",
-                    probe: str = "current") -> None:
-        """Image-token sites inside the decoder LLM (tokens.md LLM_PRE_LAYER); [] removes them."""
+                    probe: str = "current", theta: dict[str, float] | None = None,
+                    min_keep_frac: float = 0.05) -> None:
+        """Token sites inside the decoder LLM (tokens.md LLM_PRE_LAYER), keeping a share of the
+        image tokens and, with `theta`, each mode's candidates above θ; [] removes them."""
         if self.decoder is not None:
             self.decoder.uninstall()
             self.decoder = None
         if sites:
             decoder = self.graph.adapter.decoder_token_pruner(sites, position, probe)
+            decoder.theta.update(theta or {})
+            decoder.min_keep_frac = min_keep_frac
             decoder.install()
             self.decoder = decoder
 
     # ---- controls
-    def host(self, tower: str) -> ManagedTower | None:
-        """The managed tower whose blocks hold `tower`'s units (itself, or the host of its
-        cross-attention)."""
+    def host(self, tower: str) -> ManagedTower | DecoderTokenPruner | None:
+        """What runs `tower`'s blocks with masks: its managed tower, the host of its
+        cross-attention, or the decoder pruner for the decoder's tower."""
         if tower in self.towers:
             return self.towers[tower]
+        if self.decoder is not None and self.decoder.tower == tower:
+            return self.decoder
         return next((t for t in self.towers.values() if t.spec.cross_tower == tower), None)
 
-    def _control(self, gid: str):
-        group = self.graph.groups.get(gid)
-        host = None if group is None else self.host(group.tower)
-        if host is None:
-            raise MMPruneError(f"'{gid}' is not a unit group of a managed tower "
-                               f"(managed: {', '.join(self.towers) or 'none'})")
-        return group, host.controls[group.layer]
+    def _hosts(self) -> list[ManagedTower | DecoderTokenPruner]:
+        return [*self.towers.values(), *([self.decoder] if self.decoder is not None else [])]
 
     def set_mask(self, gid: str, mask: torch.Tensor | None) -> None:
         """Soft mask of a head or channel group, one value per current unit (None: all ones)."""
-        group, ctl = self._control(gid)
+        group = self.graph.groups.get(gid)
+        host = None if group is None else self.host(group.tower)
+        if host is None:
+            raise MMPruneError(f"'{gid}' is not a unit group of a managed tower or decoder "
+                               f"(managed: {', '.join(self.towers) or 'none'})")
+        ctl = host.controls[group.layer]
         if mask is not None and mask.shape != (group.size,):
             raise MMPruneError(f"mask for {gid} has shape {tuple(mask.shape)}, expected ({group.size},)")
-        if group.kind == "head" and group.tower not in self.towers:
+        if group.kind == "head" and isinstance(host, ManagedTower) and group.tower != host.spec.tower:
             ctl.cross_mask = mask
         elif group.kind == "head":
             ctl.head_mask = mask
@@ -121,8 +140,8 @@ class TokenRuntime:
             ctl.mlp_mask = None if mask is None else mask.view(1, 1, -1)
 
     def clear_masks(self) -> None:
-        for t in self.towers.values():
-            for ctl in t.controls:
+        for host in self._hosts():
+            for ctl in host.controls:
                 ctl.head_mask = ctl.mlp_mask = ctl.cross_mask = None
 
     def set_sites(self, tower: str, site: SiteControl | None, layers: list[int] | None = None) -> None:
@@ -136,16 +155,58 @@ class TokenRuntime:
             ctl.site = site if layers is None or i in layers else None
 
     def theta(self, tower: str) -> float:
-        sites = [c.site for c in self.towers[tower].controls if c.site is not None]
+        """θ of `tower`'s sites (0 for a tower without sites, or handed back)."""
+        sites = [c.site for c in self.towers[tower].controls if c.site is not None] \
+            if tower in self.towers else []
         return sites[0].theta if sites else 0.0
 
+    # ---- token modes (CoMP): a managed tower's sites, or the decoder's sites
+    def token_modes(self) -> dict[str, str]:
+        """Token mode -> the graph tower whose token counts it changes."""
+        if self.decoder is not None:
+            return {m: self.decoder.tower for m in self.decoder.token_modes}
+        return {m: t for m, t in TOKEN_TOWERS.items() if t in self.towers}
+
+    def enable_token_mode(self, mode: str, min_keep_frac: float, merge: bool = False,
+                          layers: list[int] | None = None) -> None:
+        """Sites for `mode` at θ = 0 (nothing dropped yet): every block of a managed tower, or the
+        decoder's PyramidDrop boundaries round(L·{1/4, 1/2, 3/4}) (comp.md §4)."""
+        if self.decoder is not None:
+            d = self.decoder
+            if not d.sites:
+                from mmprune.runtime.decoder import pdrop_sites
+                n = len(d.controls)
+                d.set_sites([DecoderSite(s.layer, 1.0) for s in pdrop_sites(n)]
+                             if layers is None else [DecoderSite(i, 1.0) for i in layers])
+            d.min_keep_frac = min_keep_frac
+            return
+        tower = TOKEN_TOWERS[mode]
+        if self.theta(tower) == 0.0:
+            # a merged token has no place in causal order: causal towers only drop
+            merge = merge and not self.towers[tower].spec.causal
+            self.set_sites(tower, SiteControl(0.0, min_keep_frac, merge), layers)
+
+    def mode_theta(self, mode: str) -> float:
+        if self.decoder is not None:
+            return self.decoder.theta.get(mode, 0.0)
+        return self.theta(TOKEN_TOWERS[mode])
+
+    def set_mode_theta(self, mode: str, theta: float) -> None:
+        if self.decoder is not None:
+            self.decoder.theta[mode] = theta
+            return
+        for c in self.towers[TOKEN_TOWERS[mode]].controls:
+            if c.site is not None:
+                c.site.theta = theta
+
     def set_observer(self, observer: Observer | None) -> None:
-        for t in self.towers.values():
-            t.observer = observer
+        for host in self._hosts():
+            host.observer = observer
 
     @property
     def observer(self) -> Observer | None:
-        return next(iter(self.towers.values())).observer if self.towers else None
+        hosts = self._hosts()
+        return hosts[0].observer if hosts else None
 
     @contextmanager
     def quiet(self) -> Iterator[None]:
@@ -177,8 +238,8 @@ class TokenRuntime:
                     c.site = site
 
     def set_cit(self, head_masked: bool) -> None:
-        for t in self.towers.values():
-            t.head_masked_scores = head_masked
+        for host in self._hosts():
+            host.head_masked_scores = head_masked
 
     # ---- measurements
     def counts(self) -> dict[str, torch.Tensor]:
@@ -186,11 +247,12 @@ class TokenRuntime:
         cross-attention: kept queries, and '<gid>:kv' the keys)."""
         out = {}
         for gid, g in self.graph.groups.items():
+            if self.decoder is not None and g.tower == self.decoder.tower:
+                if g.layer in self.decoder.last_counts:     # no drop inside a layer
+                    out[gid] = self.decoder.last_counts[g.layer].double()
+                continue
             t = self.host(g.tower)
             if t is None:
-                if self.decoder is not None and g.tower == self.decoder.tower \
-                        and g.layer in self.decoder.last_counts:   # no drop inside a layer
-                    out[gid] = self.decoder.last_counts[g.layer].double()
                 continue
             cross = g.tower not in self.towers
             key = (g.layer, "cross" if cross else "attn" if g.kind == "head" else "mlp")
@@ -221,7 +283,10 @@ class TokenRuntime:
         if policy.get("decoder"):
             d = policy["decoder"]
             self.set_decoder([DecoderSite(int(layer), float(keep)) for layer, keep in d["sites"]],
-                             d["position"], d["probe"])
+                             d["position"], d["probe"],
+                             {str(m): float(v) for m, v in d.get("theta", {}).items()},
+                             float(d.get("min_keep_frac", 0.05)))
+            self.decoder.head_reduce = d.get("head_reduce", "mean")
 
 
 def runtime_of(model) -> TokenRuntime | None:

@@ -12,17 +12,23 @@ def attention_received(probs: torch.Tensor, valid: torch.Tensor, global_: torch.
     scaled by its mask first, so a fading head fades out of the ranking without flattening it.
     Scores of padding and global tokens are 0.
     """
-    a = probs if head_mask is None else probs * head_mask.view(1, -1, 1, 1)
-    if reduce == "max":
-        per_key = a.amax(dim=1)                                        # [B, N, N]
-    elif reduce == "mean":
-        w = head_mask if head_mask is not None else torch.ones(a.shape[1], device=a.device)
-        per_key = a.sum(dim=1) / w.sum().clamp_min(1e-12)
-    else:
-        raise ValueError(f"head reduction must be 'max' or 'mean', got {reduce!r}")
-    queries = (valid & ~global_).to(a.dtype)                          # [B, N]
+    per_key = reduce_heads(probs, head_mask, reduce)                  # [B, N, N]
+    queries = (valid & ~global_).to(per_key.dtype)                    # [B, N]
     s = torch.einsum("bnk,bn->bk", per_key, queries)
     return s * (valid & ~global_).to(s.dtype)
+
+
+def reduce_heads(probs: torch.Tensor, head_mask: torch.Tensor | None, reduce: str) -> torch.Tensor:
+    """Attention [B, H, ...] with heads combined: each scaled by its mask, then the max, or the
+    mask-weighted mean Σ_h μ_h A_h / Σ_h μ_h (comp.md §3.1)."""
+    shape = (1, -1) + (1,) * (probs.dim() - 2)
+    a = probs if head_mask is None else probs * head_mask.view(shape).to(probs.dtype)
+    if reduce == "max":
+        return a.amax(dim=1)
+    if reduce == "mean":
+        w = head_mask if head_mask is not None else torch.ones(a.shape[1], device=a.device)
+        return a.sum(dim=1) / w.sum().clamp_min(1e-12)
+    raise ValueError(f"head reduction must be 'max' or 'mean', got {reduce!r}")
 
 
 def normalise(s: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

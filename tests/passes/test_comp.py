@@ -81,3 +81,9 @@ def test_unknown_mode_is_a_clear_error(write_recipe, registry, tmp_path):
     from mmprune.errors import MMPruneError
     with pytest.raises(MMPruneError, match="cross_params"):
         _run(write_recipe, registry, tmp_path / "run", {"modes": ["cross_params"]})
+
+
+def test_a_decoder_scope_without_a_decoder_is_a_clear_error(write_recipe, registry, tmp_path):
+    from mmprune.errors import MMPruneError
+    with pytest.raises(MMPruneError, match="flops_scope 'decoder' needs a decoder LLM"):
+        _run(write_recipe, registry, tmp_path / "run", {"flops_scope": "decoder"})

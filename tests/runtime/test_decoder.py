@@ -184,7 +184,8 @@ def test_ragged_drops_pad_the_batch_and_renumber_each_example():
     n = 6
     t = _Tokens(torch.arange(2 * n, dtype=torch.float).view(2, n, 1), torch.arange(n).expand(2, n),
                 torch.ones(2, n, dtype=torch.bool), torch.zeros(2, n, dtype=torch.bool),
-                torch.arange(n).expand(2, n), torch.zeros(2, dtype=torch.long))
+                torch.zeros(2, n, dtype=torch.bool), torch.arange(n).expand(2, n),
+                torch.zeros(2, dtype=torch.long))
     keep = torch.tensor([[1, 0, 1, 0, 0, 1], [1, 1, 1, 1, 0, 1]], dtype=torch.bool)
     out = p._gather(t, keep)
     assert out.index.tolist()[1] == [0, 1, 2, 3, 5] and out.index.tolist()[0][:3] == [0, 2, 5]
@@ -255,3 +256,109 @@ def test_pruned_prefill_flops_match_the_counter_plus_the_probe():
                     + 2 * heads * entering * d
     assert rt.decoder.last_counts[3][0] < rt.decoder.last_counts[0][0]
     assert abs(analytic + probe - fc.get_total_flops()) / fc.get_total_flops() < 0.01
+
+
+# ---- CoMP inside the decoder: soft masks, CIP statistics from the probe, θ sites
+
+def test_decoder_masks_at_zero_equal_physical_removal():
+    """Heads (grouped-query: one KV head loses one of its two query heads, another both) and
+    SwiGLU channels masked to 0 on the o_proj / down_proj inputs give the logits of removal."""
+    from mmprune.graph import remove_units
+    from mmprune.runtime.runtime import TokenRuntime
+
+    a = make(seed=3)
+    b = batch(a)
+    g = trace(a)
+    rt = TokenRuntime.attach(g)
+    rt.manage_decoder()
+    heads, channels = [0, 2, 3], list(range(0, 256, 3))
+    rt.set_mask("language.1.attn", torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    rt.set_mask("language.2.mlp", torch.tensor([0.0 if i in channels else 1.0 for i in range(256)]))
+    args = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                pixel_values=b["pixel_values"])
+    with torch.no_grad():
+        masked = a.model(**args).logits
+        rt.clear_masks()
+        assert not torch.allclose(masked, a.model(**args).logits)
+        rt.uninstall()
+        remove_units(g, g.groups["language.1.attn"], heads)
+        remove_units(g, g.groups["language.2.mlp"], channels)
+        removed = a.model(**args).logits
+    torch.testing.assert_close(masked, removed, atol=1e-5, rtol=1e-4)
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def attention(self, tower, layer, context, s, valid, global_):
+        self.calls.append(("attention", layer, context.shape, s, valid, global_))
+
+    def mlp(self, tower, layer, hidden, s, valid, global_):
+        self.calls.append(("mlp", layer, hidden.shape, s, valid, global_))
+
+
+def test_the_observer_sees_every_layer_with_probe_scores_and_no_sink():
+    """comp.md §3.2-3.3 in the decoder: heads of layer l and the MLP of l−1 weighted by layer l's
+    probe, the last MLP by its own layer; the sink (first real token) weighs 0; tokens after the
+    probe query get no attention from it. A site in between changes the token count."""
+    from mmprune.runtime.runtime import TokenRuntime
+
+    a = make()
+    b = batch(a)
+    rt = TokenRuntime.attach(trace(a))
+    d = rt.manage_decoder()
+    d.set_sites([DecoderSite(2, 0.5)])
+    rec = _Recorder()
+    rt.set_observer(rec)
+    with torch.no_grad():
+        a.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                pixel_values=b["pixel_values"])
+    order = [(kind, layer) for kind, layer, *_ in rec.calls]
+    assert order == [("attention", 0), ("mlp", 0), ("attention", 1), ("mlp", 1), ("attention", 2),
+                     ("mlp", 2), ("attention", 3), ("mlp", 3)]
+    query = a.prompt_end(b["input_ids"], b["attention_mask"])
+    for kind, layer, shape, s, valid, global_ in rec.calls:
+        assert shape[1] == s.shape[1] == int(d.last_counts[layer].max())
+        assert shape[2] == (64 if kind == "attention" else 256)
+        assert not valid[:, 0].any() and not global_.any()     # right padding: the sink is 0
+        if layer < 2:      # original positions: nothing after the query receives its attention
+            after = torch.arange(s.shape[1])[None] > query[:, None]
+            assert (s[after] == 0).all() and (s.sum(1) > 0).all()
+    # MLP 1 ran before the site, attention 2 after it: fewer tokens
+    assert rec.calls[3][2][1] > rec.calls[4][2][1]
+
+
+def test_theta_sites_drop_instruction_tokens_and_keep_the_protected_ones():
+    """`language_tokens` θ drops instruction text down to its floor; image tokens, BOS, the
+    answer cue and the answer are kept; cached generation equals recomputation."""
+    from mmprune.runtime.runtime import TokenRuntime
+
+    a = make(seed=1)
+    b = batch(a)
+    rt = TokenRuntime.attach(trace(a))
+    rt.set_decoder([DecoderSite(1, 1.0), DecoderSite(3, 1.0)], theta={"language_tokens": 50.0},
+                   min_keep_frac=0.25)
+    d = rt.decoder
+    instr = a.instruction_tokens(b["input_ids"], b["attention_mask"])
+    image = b["input_ids"] == a.model.config.image_token_id
+    assert instr.any() and not (instr & image).any()
+    with torch.no_grad():
+        a.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                pixel_values=b["pixel_values"])
+    floor = torch.ceil(instr.sum(1) * 0.25 - 1e-9).long()
+    held = d._stages[-1]
+    for i in range(len(b["input_ids"])):
+        kept = set(held.index[i][held.valid[i]].tolist())
+        real = set(torch.nonzero(b["attention_mask"][i]).flatten().tolist())
+        protected = real - set(torch.nonzero(instr[i]).flatten().tolist())
+        assert protected <= kept
+        assert len(kept - protected) == int(floor[i])     # θ above every score: the floor is left
+    kw = dict(input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
+              pixel_values=b["pixel_values"], do_sample=False, max_new_tokens=4, min_new_tokens=4,
+              pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = a.model.generate(**kw, use_cache=True)
+        recomputed = a.model.generate(**kw, use_cache=False)
+    for c, r in zip(cached.scores, recomputed.scores):
+        torch.testing.assert_close(c, r, atol=1e-5, rtol=1e-4)
