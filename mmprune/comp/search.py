@@ -209,7 +209,7 @@ class CompSearch:
                 break
             if left[gid] <= 0:
                 continue
-            unit_params = self.graph.cost.unit_params[gid]
+            unit_params = self.graph.cost.unit_param_cost(self.graph.groups[gid])
             if plan.order and removed_params + unit_params > param_cap:
                 param_capped = True
                 break
@@ -378,7 +378,7 @@ class CompSearch:
                                     "last": plan.last,
                                     "theta": self._thetas(),
                                     "units": {gid: len(v) for gid, v in plan.units.items()},
-                                    "param_share": sum(self.graph.cost.unit_params[gid] * len(v)
+                                    "param_share": sum(self.graph.cost.unit_param_cost(self.graph.groups[gid]) * len(v)
                                                        for gid, v in plan.units.items()) / self._p0})
             self.log(f"comp stage {self.scheduler.stage}: {mode} ({why}) FLOPs {f_cur:.3f} → "
                      f"{f_new:.3f}, quality {q_cur:.2f} → {q_new:.2f}")

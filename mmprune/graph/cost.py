@@ -107,6 +107,12 @@ class CostModel:
                                              tokens)
         return total
 
+    def unit_param_cost(self, group: UnitGroup) -> float:
+        """Parameters one unit of `group` stands for: the group's parameters per kept unit, so a
+        grouped-query head carries its share of the k / v rows its KV head goes with."""
+        kv = self.kv_params[group.id] * kv_heads_kept(group, group.size) if group.id in self.kv_params else 0
+        return (self.unit_params[group.id] * group.size + kv) / max(group.size, 1)
+
     def params(self, sizes: Mapping[str, int] | None = None) -> int:
         total = self.fixed_params
         for gid, g in self.groups.items():

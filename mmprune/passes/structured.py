@@ -67,7 +67,7 @@ class Candidate:
 
 def _cost(graph: ModelGraph, group: UnitGroup, metric: str) -> float:
     if metric == "params":
-        return float(graph.cost.unit_params[group.id])
+        return graph.cost.unit_param_cost(group)
     return graph.cost.unit_flops(group)
 
 

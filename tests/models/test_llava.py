@@ -82,6 +82,22 @@ def test_prefill_flops_match_the_counter_and_params_the_model():
     assert abs(analytic - fc.get_total_flops()) / fc.get_total_flops() < 0.01
 
 
+def test_a_grouped_query_heads_parameter_cost_carries_its_kv_share():
+    """Removing both query heads of one KV head removes their q / o rows and the KV head's k / v
+    rows: twice the per-unit cost a params budget ranks them by (even groups)."""
+    from mmprune.graph import remove_units, trace
+
+    a = make()
+    g = trace(a)
+    group = g.groups["language.1.attn"]
+    unit = g.cost.unit_param_cost(group)
+    assert unit > g.cost.unit_params[group.id]          # the k / v share is in it
+    before = sum(p.numel() for p in a.model.parameters())
+    remove_units(g, group, [2, 3])                       # KV head 1 goes with its last query head
+    after = sum(p.numel() for p in a.model.parameters())
+    assert before - after == pytest.approx(2 * unit)
+
+
 @pytest.mark.parametrize("ratio", [1, 2, 4])
 def test_grouped_query_head_removal_is_exact_against_a_zero_masked_copy(ratio, tmp_path):
     """Query heads go one by one; a KV head goes with its last query head. Uneven groups (2 and 1
