@@ -4,6 +4,7 @@
                                               [--ablations] [--tasks clip:retrieval blip:nlvr]
     .venv/bin/python benchmarks/comp_table.py --tasks llava:instruct --ratios 0.3 0.46 0.62 \
                                               --methods pdrop fastv pdrop_sft params
+    .venv/bin/python benchmarks/comp_table.py --tasks llava:vqa --ratios 0.62 --methods comp params pdrop
 
 Every method runs its recipe (recipes/comp_<family>_<task>.yaml, recipes/baselines/*) with
 only the FLOPs target changed, so budgets, data, search schedule and fine-tuning steps are the
@@ -30,20 +31,21 @@ from mmprune.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "comp.json"
 #: family:task pairs that have a CoMP recipe and baseline recipes
-TASKS = ("clip:retrieval", "blip:nlvr", "blip:vqa", "llava:instruct")
+TASKS = ("clip:retrieval", "blip:nlvr", "blip:vqa", "llava:instruct", "llava:vqa")
 #: token-only methods inside the LLaVA decoder; their FLOPs targets are of the decoder's prefill
 LLAVA_TOKEN_METHODS = ("pdrop", "fastv", "pdrop_sft")
 
 #: method -> (recipe, overrides besides the target)
 def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
-    if family == "llava":
+    if family == "llava":    # the instruct recipes; VQA (answers generated) swaps the data
         base = ROOT / "recipes" / "baselines"
-        return {"comp": (ROOT / "recipes" / f"comp_{family}_{task}.yaml", []),
-                "sjp": (base / f"sjp_{family}_{task}.yaml", []),
-                "pdrop": (ROOT / "recipes" / "pdrop_llava.yaml", []),
-                "fastv": (ROOT / "recipes" / "fastv_llava.yaml", []),
-                "pdrop_sft": (base / f"pdrop_sft_{family}_{task}.yaml", []),
-                "params": (base / f"params_{family}_{task}.yaml", [])}
+        data = [] if task == "instruct" else [f"data.minivl={task}"]
+        return {"comp": (ROOT / "recipes" / "comp_llava_instruct.yaml", data),
+                "sjp": (base / "sjp_llava_instruct.yaml", data),
+                "pdrop": (ROOT / "recipes" / "pdrop_llava.yaml", data),
+                "fastv": (ROOT / "recipes" / "fastv_llava.yaml", data),
+                "pdrop_sft": (base / "pdrop_sft_llava_instruct.yaml", data),
+                "params": (base / "params_llava_instruct.yaml", data)}
     comp = ROOT / "recipes" / f"comp_{family}_{task}.yaml"
     base = ROOT / "recipes" / "baselines"
     return {
