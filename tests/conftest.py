@@ -84,6 +84,26 @@ def small_recipe(out: Path, passes: list, **extra) -> dict:
     return recipe
 
 
+def small_llava_recipe(out: Path, passes: list, config: dict | None = None, **sizes) -> dict:
+    """A tiny LLaVA on MiniVL instruct (32 examples per split unless `sizes` says otherwise)."""
+    model = {"tiny": "llava", **({"config": config} if config else {})}
+    return {"model": model,
+            "data": {"minivl": "instruct", "train_size": 32, "validation_size": 32, "test_size": 32,
+                     **sizes},
+            "passes": passes,
+            "evaluation": {"latency_batch_size": 4, "latency_repeats": 3, "latency_warmup": 1},
+            "output": str(out), "seed": 0}
+
+
+def run_recipe(write_recipe, registry, recipe: dict) -> dict:
+    """Write `recipe` and run it quietly; the report."""
+    from mmprune.pipeline import run
+    from mmprune.recipe import load_recipe
+
+    return run(load_recipe(write_recipe(recipe), registry), registry, show_progress=False,
+               log=lambda m: None)
+
+
 @pytest.fixture(scope="session")
 def toy_plugin_path(tmp_path_factory) -> Path:
     """The third-party plugin package in tests/fixtures, pip-installed into a private target dir."""

@@ -182,15 +182,8 @@ class LlavaAdapter(Adapter):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
         image = input_ids == self.model.config.image_token_id
         after_image = torch.where(image, positions, -1).amax(1)
-        end = self.prompt_end(input_ids, valid)
-        cue = self._ids(ANSWER_CUE) if self.tokenizer is not None else []
-        k = len(cue)
-        if k and input_ids.shape[1] >= k:
-            start = (end - k + 1).clamp_min(0)
-            window = input_ids.gather(1, start[:, None] + torch.arange(k, device=input_ids.device))
-            is_cue = (window == torch.tensor(cue, device=input_ids.device)).all(1)
-            end = torch.where(is_cue, start, end)
-        return valid.bool() & (positions > after_image[:, None]) & (positions < end[:, None])
+        cue_start, _ = self._answer_cue(input_ids, valid)
+        return valid.bool() & (positions > after_image[:, None]) & (positions < cue_start[:, None])
 
     def prompt_end(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Per example, the index of the token that ends the prompt: the last token of the last
@@ -199,16 +192,22 @@ class LlavaAdapter(Adapter):
         may say "answer:" too, so the last cue counts; answers are short and never contain it.
         The token is the same whether the answer or generated tokens follow, so cached and
         recomputed generation drop the same tokens. Without a cue: the last valid token."""
+        return self._answer_cue(input_ids, valid)[1]
+
+    def _answer_cue(self, input_ids: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example, the first and last index of the last answer cue; both the last valid
+        token when there is no cue."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
         last_valid = torch.where(valid.bool(), positions, -1).amax(1)
         cue = self._ids(ANSWER_CUE) if self.tokenizer is not None else []
         if not cue or input_ids.shape[1] < len(cue):
-            return last_valid
+            return last_valid, last_valid
         k = len(cue)
         windows = input_ids.unfold(1, k, 1)                              # [B, N − k + 1, k]
         hit = (windows == torch.tensor(cue, device=input_ids.device)).all(-1)
         end = torch.where(hit, positions[:, :hit.shape[1]] + k - 1, -1).amax(1)
-        return torch.where(end >= 0, end, last_valid)
+        found = end >= 0
+        return torch.where(found, end - k + 1, last_valid), torch.where(found, end, last_valid)
 
     # ---- task
     def task_loss(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:

@@ -97,9 +97,10 @@ class TokenPrune(Pass):
         dense = flops([])
         reduction = lambda keep: 1.0 - flops(self.sites(num_layers, keep)) / dense   # noqa: E731
         lo, hi = 1e-4, 1.0
-        if reduction(lo) < p.flops_target:
+        most = reduction(lo)
+        if most < p.flops_target:
             raise MMPruneError(f"token_prune: dropping every image token at these sites removes "
-                               f"{reduction(lo):.3f} of the {p.flops_scope}'s FLOPs, less than "
+                               f"{most:.3f} of the {p.flops_scope}'s FLOPs, less than "
                                f"the target {p.flops_target}; add earlier sites or prune parameters too")
         for _ in range(30):
             mid = (lo + hi) / 2

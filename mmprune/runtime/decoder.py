@@ -78,14 +78,15 @@ def geometric_sites(layers: list[int], ratio: float) -> list[DecoderSite]:
     return [DecoderSite(layer, ratio ** (s + 1)) for s, layer in enumerate(sorted(layers))]
 
 
-def pdrop_sites(num_layers: int, ratio: float = 0.5, stages: int = 3) -> list[DecoderSite]:
-    """PyramidDrop's schedule: sites at round(L·s/(stages+1)), keeping ratio^s of the image tokens."""
+def pdrop_layers(num_layers: int, stages: int = 3) -> list[int]:
+    """PyramidDrop's site layers round(L·s/(stages+1)), s = 1..stages (layer 0 never a site)."""
     layers = {round(num_layers * s / (stages + 1)) for s in range(1, stages + 1)}
-    return geometric_sites(sorted(layers & set(range(1, num_layers))), ratio)
+    return sorted(layers & set(range(1, num_layers)))
 
 
-#: token modes a decoder site can advance, and the `_Tokens` field holding each one's candidates
-TOKEN_MODES = {"vision_tokens": "image", "language_tokens": "instruction"}
+def pdrop_sites(num_layers: int, ratio: float = 0.5, stages: int = 3) -> list[DecoderSite]:
+    """PyramidDrop's schedule: sites at `pdrop_layers`, keeping ratio^s of the image tokens."""
+    return geometric_sites(pdrop_layers(num_layers, stages), ratio)
 
 
 class DecoderTokenPruner:

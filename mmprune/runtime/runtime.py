@@ -15,7 +15,7 @@ import torch
 
 from mmprune.errors import MMPruneError
 from mmprune.graph.model_graph import ModelGraph
-from mmprune.runtime.decoder import DecoderSite, DecoderTokenPruner
+from mmprune.runtime.decoder import DecoderSite, DecoderTokenPruner, pdrop_layers
 from mmprune.runtime.tower import ManagedTower, Observer, SiteControl
 
 #: attribute of the model under which the installed runtime is kept
@@ -31,7 +31,7 @@ class TokenRuntime:
         self.towers: dict[str, ManagedTower] = {
             spec.tower: ManagedTower(spec, adapter.model, head_reduce=head_reduce)
             for spec in adapter.managed_towers()}
-        #: image-token sites between the layers of a decoder LLM (LLaVA), if any
+        #: a decoder LLM's token sites, and CoMP's masks and statistics in it (LLaVA), if any
         self.decoder: DecoderTokenPruner | None = None
         self.installed = False
 
@@ -174,10 +174,8 @@ class TokenRuntime:
         if self.decoder is not None:
             d = self.decoder
             if not d.sites:
-                from mmprune.runtime.decoder import pdrop_sites
-                n = len(d.controls)
-                d.set_sites([DecoderSite(s.layer, 1.0) for s in pdrop_sites(n)]
-                             if layers is None else [DecoderSite(i, 1.0) for i in layers])
+                layers = pdrop_layers(len(d.controls)) if layers is None else layers
+                d.set_sites([DecoderSite(i, 1.0) for i in layers])
             d.min_keep_frac = min_keep_frac
             return
         tower = TOKEN_TOWERS[mode]

@@ -6,30 +6,21 @@ import json
 
 import pytest
 
-from mmprune.pipeline import run
-from mmprune.recipe import load_recipe
+from tests.conftest import run_recipe, small_llava_recipe
 
 FAST = dict(stage_quantum=0.1, k_min=2, search_steps=4, warmup_steps=2, batch_size=8,
             eval_batch_size=16, v_sub=16, probe_set=16, lr=1e-4, cost_metric="val_loss")
 
 
 def _recipe(out, passes):
-    return {"model": {"tiny": "llava", "config": {"text_config": {"num_hidden_layers": 4}}},
-            "data": {"minivl": "instruct", "train_size": 32, "validation_size": 16, "test_size": 16},
-            "passes": passes,
-            "evaluation": {"latency_batch_size": 4, "latency_repeats": 3, "latency_warmup": 1},
-            "output": str(out), "seed": 0}
-
-
-def _run(write_recipe, registry, recipe):
-    return run(load_recipe(write_recipe(recipe), registry), registry, show_progress=False,
-               log=lambda m: None)
+    return small_llava_recipe(out, passes, {"text_config": {"num_hidden_layers": 4}},
+                              validation_size=16, test_size=16)
 
 
 def test_comp_prunes_the_decoder_and_its_tokens_and_the_export_reloads(write_recipe, registry,
                                                                        tmp_path):
     out = tmp_path / "run"
-    report = _run(write_recipe, registry, _recipe(out, [{"comp": {**FAST, "target": 0.3}},
+    report = run_recipe(write_recipe, registry, _recipe(out, [{"comp": {**FAST, "target": 0.3}},
                                                         {"export": {}}]))
     state = report["state"]["comp"][0]
     assert state["modes"] == ["vision_tokens", "language_tokens", "language_params"]
@@ -49,7 +40,7 @@ def test_comp_prunes_the_decoder_and_its_tokens_and_the_export_reloads(write_rec
     assert state["thresholds"]["vision_tokens"] > 0 and state["thresholds"]["language_tokens"] > 0
     assert [layer for layer, _ in decoder["sites"]] == [1, 2, 3]
     again = {**_recipe(tmp_path / "again", [{"evaluate": {}}]), "model": {"path": str(out / "model")}}
-    reloaded = _run(write_recipe, registry, again)
+    reloaded = run_recipe(write_recipe, registry, again)
     assert reloaded["baseline"]["metrics"] == report["final"]["metrics"]
     assert reloaded["baseline"]["flops"] == pytest.approx(report["final"]["flops"])
 
@@ -57,5 +48,5 @@ def test_comp_prunes_the_decoder_and_its_tokens_and_the_export_reloads(write_rec
 def test_the_vit_is_not_a_mode_on_llava(write_recipe, registry, tmp_path):
     from mmprune.errors import MMPruneError
     with pytest.raises(MMPruneError, match="vision_params"):
-        _run(write_recipe, registry, _recipe(tmp_path / "run", [
+        run_recipe(write_recipe, registry, _recipe(tmp_path / "run", [
             {"comp": {**FAST, "modes": ["vision_params", "language_params"]}}]))

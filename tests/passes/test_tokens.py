@@ -6,27 +6,12 @@ import json
 import pytest
 
 from mmprune.errors import MMPruneError
-from mmprune.pipeline import run
-from mmprune.recipe import load_recipe
-from tests.conftest import small_recipe
-
-
-def _recipe(out, passes):
-    return {"model": {"tiny": "llava"},
-            "data": {"minivl": "instruct", "train_size": 32, "validation_size": 32, "test_size": 32},
-            "passes": passes,
-            "evaluation": {"latency_batch_size": 4, "latency_repeats": 3, "latency_warmup": 1},
-            "output": str(out), "seed": 0}
-
-
-def _run(write_recipe, registry, recipe):
-    return run(load_recipe(write_recipe(recipe), registry), registry, show_progress=False,
-               log=lambda m: None)
+from tests.conftest import run_recipe, small_llava_recipe, small_recipe
 
 
 def test_pdrop_hits_a_flops_target_and_the_export_reloads_it(write_recipe, registry, tmp_path):
     out = tmp_path / "run"
-    report = _run(write_recipe, registry, _recipe(out, [
+    report = run_recipe(write_recipe, registry, small_llava_recipe(out, [
         {"token_prune": {"method": "pdrop", "layers": [1], "flops_target": 0.15}}, {"export": {}}]))
     state = report["state"]["token_prune"]
     assert state["position"] == "renumber" and state["probe"] == "current"
@@ -42,14 +27,15 @@ def test_pdrop_hits_a_flops_target_and_the_export_reloads_it(write_recipe, regis
     assert "time to first token" in (out / "report.md").read_text()
     spec = json.loads((out / "model" / "mmprune.json").read_text())
     assert spec["token_policy"]["decoder"]["sites"] == state["sites"]
-    again = {**_recipe(tmp_path / "again", [{"evaluate": {}}]), "model": {"path": str(out / "model")}}
-    reloaded = _run(write_recipe, registry, again)
+    again = {**small_llava_recipe(tmp_path / "again", [{"evaluate": {}}]),
+             "model": {"path": str(out / "model")}}
+    reloaded = run_recipe(write_recipe, registry, again)
     assert reloaded["baseline"]["metrics"] == report["final"]["metrics"]
     assert reloaded["baseline"]["flops"] == pytest.approx(report["final"]["flops"])
 
 
 def test_fastv_keeping_every_token_changes_nothing(write_recipe, registry, tmp_path):
-    report = _run(write_recipe, registry, _recipe(tmp_path / "run", [
+    report = run_recipe(write_recipe, registry, small_llava_recipe(tmp_path / "run", [
         {"token_prune": {"method": "fastv", "layers": [1], "keep": 1.0}}]))
     assert report["state"]["token_prune"]["position"] == "keep_original"
     assert report["final"]["metrics"] == report["baseline"]["metrics"]
@@ -58,7 +44,7 @@ def test_fastv_keeping_every_token_changes_nothing(write_recipe, registry, tmp_p
 
 def test_fastv_takes_one_site_and_clip_has_no_decoder(write_recipe, registry, tmp_path):
     with pytest.raises(MMPruneError, match="one site"):
-        _run(write_recipe, registry, _recipe(tmp_path / "a", [
+        run_recipe(write_recipe, registry, small_llava_recipe(tmp_path / "a", [
             {"token_prune": {"method": "fastv", "layers": [1, 2]}}]))
     with pytest.raises(MMPruneError, match="no decoder LLM"):
-        _run(write_recipe, registry, small_recipe(tmp_path / "b", [{"token_prune": {}}]))
+        run_recipe(write_recipe, registry, small_recipe(tmp_path / "b", [{"token_prune": {}}]))

@@ -118,22 +118,30 @@ def test_prompt_end_is_the_answer_cue_with_or_without_an_answer_after_it():
     assert torch.equal(full + 1, (b["labels"] != -100).float().argmax(1))
 
 
+def _assert_cached_generation_equals_recomputation(a: LlavaAdapter, b: dict, steps: int,
+                                                   same_tokens: bool = True) -> None:
+    """Greedy generation of `steps` tokens with the KV cache gives the scores (and, with
+    `same_tokens`, the tokens) of recomputing the whole sequence at every step."""
+    kw = dict(input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
+              pixel_values=b["pixel_values"], do_sample=False, max_new_tokens=steps,
+              min_new_tokens=steps, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = a.model.generate(**kw, use_cache=True)
+        recomputed = a.model.generate(**kw, use_cache=False)
+    if same_tokens:
+        assert torch.equal(cached.sequences, recomputed.sequences)
+    # the scores of every step, not only the argmax: positions and masks of every stage agree
+    for c, r in zip(cached.scores, recomputed.scores):
+        torch.testing.assert_close(c, r, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("position", ["renumber", "keep_original"])
 @pytest.mark.parametrize("probe", ["current", "previous"])
 def test_cached_generation_equals_recomputation(position, probe):
     a = make(seed=1)
     b = batch(a)
     p = pruner(a, pdrop_sites(4, 0.5), position=position, probe=probe)
-    kw = dict(input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
-              pixel_values=b["pixel_values"], do_sample=False, max_new_tokens=6, min_new_tokens=6,
-              pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        cached = a.model.generate(**kw, use_cache=True)
-        recomputed = a.model.generate(**kw, use_cache=False)
-    assert torch.equal(cached.sequences, recomputed.sequences)
-    # the scores of every step, not only the argmax: positions and masks of every stage agree
-    for c, r in zip(cached.scores, recomputed.scores):
-        torch.testing.assert_close(c, r, atol=1e-5, rtol=1e-4)
+    _assert_cached_generation_equals_recomputation(a, b, 6)
     assert (p.last_counts[3] < p.last_counts[0]).all()   # the prefills did drop tokens
 
 
@@ -354,11 +362,4 @@ def test_theta_sites_drop_instruction_tokens_and_keep_the_protected_ones():
         protected = real - set(torch.nonzero(instr[i]).flatten().tolist())
         assert protected <= kept
         assert len(kept - protected) == int(floor[i])     # θ above every score: the floor is left
-    kw = dict(input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
-              pixel_values=b["pixel_values"], do_sample=False, max_new_tokens=4, min_new_tokens=4,
-              pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        cached = a.model.generate(**kw, use_cache=True)
-        recomputed = a.model.generate(**kw, use_cache=False)
-    for c, r in zip(cached.scores, recomputed.scores):
-        torch.testing.assert_close(c, r, atol=1e-5, rtol=1e-4)
+    _assert_cached_generation_equals_recomputation(a, b, 4, same_tokens=False)
