@@ -230,12 +230,9 @@ class CompSearch:
             trial = StagePlan(plan.mode)
             for gid, i in plan.order[:n]:
                 trial.units.setdefault(gid, []).append(i)
-            sizes = self._sizes()
-            for gid, units in trial.units.items():
-                sizes[gid] -= len(units)
             try:
                 self._apply(trial, 1.0)
-                f = self.measure_flops(self.probe, sizes=sizes)[0]
+                f = self.measure_flops(self.probe, sizes=self._sizes_after(trial))[0]
             finally:
                 self._apply(StagePlan(plan.mode), 0.0)     # back to the frozen units only
             return (f_now - f) / f0
@@ -316,9 +313,25 @@ class CompSearch:
             old, new = plan.theta
             self.rt.set_mode_theta(plan.mode, old + (new - old) * frac)
 
+    def _plan_damage(self, plan: StagePlan) -> tuple[float, float]:
+        """Quality and FLOPs (fraction of dense) on the validation subset with `plan` applied in
+        full to today's weights: the stage's cost before training can recover or mask it."""
+        self._apply(plan, 1.0)
+        try:
+            return self.quality(), self.measure_flops(self.v_sub, sizes=self._sizes_after(plan))[0] / self._f0
+        finally:
+            self._apply(plan, 0.0)      # the stage starts from the committed state
+
+    def _sizes_after(self, plan: StagePlan) -> dict[str, int]:
+        sizes = self._sizes()
+        for gid, units in plan.units.items():
+            sizes[gid] -= len(units)
+        return sizes
+
     def run(self, trainer_factory: Callable[[int], Trainer]) -> dict[str, Any]:
         p, ctx = self.p, self.ctx
         f0, _ = self.measure_flops(self.v_sub, dense=True)
+        self._f0 = f0
         f0_probe, _ = self.measure_flops(self.probe, dense=True)
         target = 1.0 - p.target
         f_cur = self.measure_flops(self.v_sub)[0] / f0
@@ -354,6 +367,7 @@ class CompSearch:
                 self.scheduler.exhaust(mode)
                 self.log(f"comp: mode {mode} is exhausted")
                 continue
+            priced = self._plan_damage(plan) if p.cost_at == "plan" else None
             # stages smaller than the quantum (capped, or the last) can outrun the estimate:
             # stretch the schedule rather than train the extra stages at zero learning rate
             trainer.total = max(trainer.total, steps_done + k)
@@ -367,11 +381,14 @@ class CompSearch:
                 self.scheduler.retire(mode)
             q_new = self.quality()
             f_new = self.measure_flops(self.v_sub)[0] / f0
-            r = self.scheduler.record(mode, q_cur, q_new, f_cur, f_new, why=why,
+            q_priced, f_priced = priced or (q_new, f_new)
+            r = self.scheduler.record(mode, q_cur, q_priced, f_cur, f_priced, why=why,
                                       planned=max(plan.planned_flops, plan.nominal),
                                       theta=self._thetas())
             self.trajectory.append({"stage": self.scheduler.stage, "mode": mode, "why": why,
                                     "quality": q_new, "flops": f_new, "r": r,
+                                    **({"priced_quality": q_priced, "priced_flops": f_priced}
+                                       if priced else {}),
                                     "removed": f_cur - f_new, "planned": plan.planned_flops,
                                     "nominal": plan.nominal,
                                     "quantum": quantum, "cap": min(quantum, plan.cap),

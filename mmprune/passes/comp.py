@@ -72,6 +72,13 @@ class CompParams(PassParams):
     cost_metric: Literal["val_metric", "val_loss"] = Field("val_metric", description="Quality Q "
                                                            "of a stage: the headline validation "
                                                            "metric or −100 × validation loss.")
+    cost_at: Literal["stage_end", "plan"] = Field("stage_end", description="When a stage's "
+                                                  "quality loss is measured: 'stage_end', after "
+                                                  "its K training steps (Eq. 3); 'plan', with the "
+                                                  "planned units at 0 or θ at its new value before "
+                                                  "any training, so a stage is not credited with "
+                                                  "training that continues (recovery from the "
+                                                  "stage before, an undertrained model improving).")
     v_sub: int = Field(1000, ge=8, description="Validation examples that price each stage.")
     probe_set: int = Field(256, ge=8, description="Training examples that size each stage's quantum.")
     flops_scope: Literal["model", "decoder"] = Field("model", description="What `target` and "

@@ -92,7 +92,7 @@ class TokenRuntime:
     @property
     def active(self) -> bool:
         """Whether any token is dropped anywhere (tower sites or decoder sites)."""
-        return bool(self.policy()["towers"]) or self.decoder is not None
+        return bool(self.policy()["towers"]) or (self.decoder is not None and self.decoder.drops)
 
     def set_decoder(self, sites: list[DecoderSite], position: str = "renumber",
                     probe: str = "current", theta: dict[str, float] | None = None,

@@ -77,6 +77,23 @@ def test_param_quantum_caps_each_parameter_stage(write_recipe, registry, tmp_pat
     assert max(t["param_share"] for t in stages) > 0.005   # the cap is what bounds them
 
 
+@pytest.mark.parametrize("lr", [1e-12, 1e-2])
+def test_plan_pricing_measures_the_plan_before_training(write_recipe, registry, tmp_path, lr):
+    report = _run(write_recipe, registry, tmp_path / "run",
+                  {"target": 0.3, "cost_at": "plan", "cost_metric": "val_loss", "lr": lr})
+    traj = report["state"]["comp"][0]["trajectory"]
+    for before, t in zip(traj, traj[1:]):
+        removed = max(before["flops"] - t["priced_flops"], 0.5 * max(t["planned"], t["nominal"]), 1e-6)
+        assert t["r"] == pytest.approx((before["quality"] - t["priced_quality"]) / removed)
+    # the plan is priced in full: without training a stage ends exactly where it was priced;
+    # with training the stage's own quality moves away from the price
+    gaps = [abs(t["quality"] - t["priced_quality"]) for t in traj[1:]]
+    if lr < 1e-6:
+        assert max(gaps) < 1e-3 and all(t["flops"] == pytest.approx(t["priced_flops"]) for t in traj[1:])
+    else:
+        assert max(gaps) > 0.1
+
+
 def test_unknown_mode_is_a_clear_error(write_recipe, registry, tmp_path):
     from mmprune.errors import MMPruneError
     with pytest.raises(MMPruneError, match="cross_params"):

@@ -295,6 +295,23 @@ def test_decoder_masks_at_zero_equal_physical_removal():
     torch.testing.assert_close(masked, removed, atol=1e-5, rtol=1e-4)
 
 
+def test_a_decoder_that_drops_nothing_leaves_the_runtime_inactive():
+    """CoMP installs a site-less decoder pruner as the host of its masks: token counts then need
+    no prefill and an export no token policy, until a site can drop something."""
+    from mmprune.runtime.runtime import TokenRuntime
+
+    rt = TokenRuntime.attach(trace(make()))
+    d = rt.manage_decoder()
+    assert not rt.active
+    d.set_sites([DecoderSite(2, 1.0)])
+    assert not rt.active
+    d.theta["vision_tokens"] = 0.5
+    assert rt.active
+    d.theta["vision_tokens"] = 0.0
+    d.set_sites([DecoderSite(2, 0.5)])
+    assert rt.active
+
+
 class _Recorder:
     def __init__(self):
         self.calls = []
