@@ -313,12 +313,12 @@ class CompSearch:
             old, new = plan.theta
             self.rt.set_mode_theta(plan.mode, old + (new - old) * frac)
 
-    def _plan_damage(self, plan: StagePlan) -> tuple[float, float]:
+    def _plan_damage(self, plan: StagePlan, f0: float) -> tuple[float, float]:
         """Quality and FLOPs (fraction of dense) on the validation subset with `plan` applied in
         full to today's weights: the stage's cost before training can recover or mask it."""
         self._apply(plan, 1.0)
         try:
-            return self.quality(), self.measure_flops(self.v_sub, sizes=self._sizes_after(plan))[0] / self._f0
+            return self.quality(), self.measure_flops(self.v_sub, sizes=self._sizes_after(plan))[0] / f0
         finally:
             self._apply(plan, 0.0)      # the stage starts from the committed state
 
@@ -331,7 +331,6 @@ class CompSearch:
     def run(self, trainer_factory: Callable[[int], Trainer]) -> dict[str, Any]:
         p, ctx = self.p, self.ctx
         f0, _ = self.measure_flops(self.v_sub, dense=True)
-        self._f0 = f0
         f0_probe, _ = self.measure_flops(self.probe, dense=True)
         target = 1.0 - p.target
         f_cur = self.measure_flops(self.v_sub)[0] / f0
@@ -367,7 +366,7 @@ class CompSearch:
                 self.scheduler.exhaust(mode)
                 self.log(f"comp: mode {mode} is exhausted")
                 continue
-            priced = self._plan_damage(plan) if p.cost_at == "plan" else None
+            priced = self._plan_damage(plan, f0) if p.cost_at == "plan" else None
             # stages smaller than the quantum (capped, or the last) can outrun the estimate:
             # stretch the schedule rather than train the extra stages at zero learning rate
             trainer.total = max(trainer.total, steps_done + k)
