@@ -60,6 +60,9 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         "comp_round_robin": (comp, ["passes.0.comp.schedule=round_robin"]),
         "comp_greedy": (comp, ["passes.0.comp.rho=0", "passes.0.comp.lambda0=0"]),
         "comp_greedy_explore": (comp, ["passes.0.comp.lambda0=0"]),
+        # stages priced by their plan before they train (comp.cost_at), against Eq. 3's stage end
+        "comp_plan": (comp, ["passes.0.comp.cost_at=plan"]),
+        "upop_plan": (base / f"upop_{family}_{task}.yaml", ["passes.0.comp.cost_at=plan"]),
     }
 
 
