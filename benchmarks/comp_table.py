@@ -48,9 +48,10 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
                 "params": (base / "params_llava_instruct.yaml", data)}
     comp = ROOT / "recipes" / f"comp_{family}_{task}.yaml"
     base = ROOT / "recipes" / "baselines"
+    upop = base / f"upop_{family}_{task}.yaml"
     return {
         "comp": (comp, []),
-        "upop": (base / f"upop_{family}_{task}.yaml", []),
+        "upop": (upop, []),
         "tokens": (base / f"tokens_{family}_{task}.yaml", []),
         "sjp": (base / f"sjp_{family}_{task}.yaml", []),
         # ablations (comp.md §8)
@@ -62,7 +63,7 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         "comp_greedy_explore": (comp, ["passes.0.comp.lambda0=0"]),
         # stages priced by their plan before they train (comp.cost_at), against Eq. 3's stage end
         "comp_plan": (comp, ["passes.0.comp.cost_at=plan"]),
-        "upop_plan": (base / f"upop_{family}_{task}.yaml", ["passes.0.comp.cost_at=plan"]),
+        "upop_plan": (upop, ["passes.0.comp.cost_at=plan"]),
     }
 
 

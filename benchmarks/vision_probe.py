@@ -81,8 +81,9 @@ def main(names: list[str]) -> None:
     sets = {"objects": object_scenes(), "digits": digit_scenes()}
     chance = {f"{s}.{a}": round(100 * max(np.unique(v, return_counts=True)[1]) / N, 1)
               for s, (_, labels) in sets.items() for a, v in labels.items()}
+    pixels = {s: pixel_features(imgs) for s, (imgs, _) in sets.items()}
     rows = [{"model": "pixels (8x8 block means)", "features": "-",
-             **{f"{s}.{a}": probe(pixel_features(imgs), v) for s, (imgs, labels) in sets.items()
+             **{f"{s}.{a}": probe(pixels[s], v) for s, (_, labels) in sets.items()
                 for a, v in labels.items()}}]
     reg = get_registry()
     for name in names or MODELS:
