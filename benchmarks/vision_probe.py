@@ -34,34 +34,35 @@ MODELS = ("clip-minivl", "clip-minivl-digits", "blip-minivl", "blip-minivl-nlvr"
 N, N_TRAIN, SIZE = 2000, 1500, 64
 
 
-def object_scenes(seed: int = 5) -> tuple[list[np.ndarray], dict[str, list]]:
+def object_scenes(seed: int = 5, size: int = SIZE) -> tuple[list[np.ndarray], dict[str, list]]:
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, 1, 1) for _ in range(N)]
     objs = [s.objects[0] for s in scenes]
-    return [render(s, SIZE) for s in scenes], {
+    return [render(s, size) for s in scenes], {
         "cell": [o.cell for o in objs], "shape": [o.shape for o in objs],
         "colour": [o.color for o in objs], "size": [o.size for o in objs]}
 
 
-def digit_scenes(seed: int = 6) -> tuple[list[np.ndarray], dict[str, list]]:
+def digit_scenes(seed: int = 6, size: int = SIZE) -> tuple[list[np.ndarray], dict[str, list]]:
     images, targets, _ = _digit_pools()
     rng = np.random.default_rng(seed)
     out, labels = [], {"digit": [], "cell": []}
     for _ in range(N):
-        img = np.clip(_background(SIZE, rng), 0, 255).astype(np.uint8)
+        img = np.clip(_background(size, rng), 0, 255).astype(np.uint8)
         cell, k = int(rng.integers(9)), int(rng.integers(len(targets)))
-        paste_digit(img, images[k], cell, max(1, SIZE // 24), rng)   # as the digits task draws them
+        paste_digit(img, images[k], cell, max(1, size // 24), rng)   # as the digits task draws them
         out.append(img)
         labels["digit"].append(int(targets[k]))
         labels["cell"].append(cell)
     return out, labels
 
 
-def probe(features: np.ndarray, labels: list) -> float:
-    """Held-out accuracy (%) of a logistic regression on standardised features."""
-    x = StandardScaler().fit(features[:N_TRAIN]).transform(features)
-    clf = LogisticRegression(max_iter=500).fit(x[:N_TRAIN], labels[:N_TRAIN])
-    return round(100 * clf.score(x[N_TRAIN:], labels[N_TRAIN:]), 1)
+def probe(features: np.ndarray, labels: list, n_train: int = N_TRAIN) -> float:
+    """Held-out accuracy (%) of a logistic regression on standardised features: fitted on the
+    first `n_train` rows, scored on the rest."""
+    x = StandardScaler().fit(features[:n_train]).transform(features)
+    clf = LogisticRegression(max_iter=500).fit(x[:n_train], labels[:n_train])
+    return round(100 * clf.score(x[n_train:], labels[n_train:]), 1)
 
 
 def pixel_features(images: list[np.ndarray]) -> np.ndarray:
