@@ -14,6 +14,7 @@ benchmarks/results/vit_learnability.json. About 9 minutes at the defaults.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -82,7 +83,8 @@ def train_tower(adapter, x: torch.Tensor, y: torch.Tensor, steps: int, batch: in
     for step in range(steps):
         idx = torch.randint(len(x), (batch,), generator=gen)
         out = head(tower(pixel_values=x[idx]).pooler_output).view(batch, 9, -1)
-        parts = [F.cross_entropy(o.reshape(-1, k), y[idx][..., j].reshape(-1), ignore_index=IGNORE)
+        target = y[idx]
+        parts = [F.cross_entropy(o.reshape(-1, k), target[..., j].reshape(-1), ignore_index=IGNORE)
                  for j, (o, k) in enumerate(zip(out.split(list(GROUPS.values()), -1), GROUPS.values()))]
         opt.zero_grad()
         sum(parts).backward()
@@ -129,7 +131,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     cls = get_registry().models["clip"]
-    config = json.loads(json.dumps(CATALOG["clip-minivl"].config))
+    config = copy.deepcopy(CATALOG["clip-minivl"].config)
     config["vision_config"].update(image_size=a.image_size, patch_size=a.patch_size)
     model = cls.tiny_model(0, config)
     adapter = cls(model, *cls.default_processors(model))
