@@ -21,7 +21,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from mmprune.data.minivl.scenes import _background, paste_digit, render, sample_scene
+from mmprune.data.minivl.scenes import digit_image, render, sample_scene
 from mmprune.data.minivl.tasks import _digit_pools
 from mmprune.models.loading import load_model
 from mmprune.plugins.manager import get_registry
@@ -48,10 +48,8 @@ def digit_scenes(seed: int = 6, size: int = SIZE) -> tuple[list[np.ndarray], dic
     rng = np.random.default_rng(seed)
     out, labels = [], {"digit": [], "cell": []}
     for _ in range(N):
-        img = np.clip(_background(size, rng), 0, 255).astype(np.uint8)
         cell, k = int(rng.integers(9)), int(rng.integers(len(targets)))
-        paste_digit(img, images[k], cell, max(1, size // 24), rng)   # as the digits task draws them
-        out.append(img)
+        out.append(digit_image([images[k]], [cell], size, rng))     # as the digits task draws them
         labels["digit"].append(int(targets[k]))
         labels["cell"].append(cell)
     return out, labels

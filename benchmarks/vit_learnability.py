@@ -25,7 +25,17 @@ import torch
 import torch.nn.functional as F
 import vision_probe as vp
 
-from mmprune.data.minivl.scenes import COLORS, SHAPES, SIZES, _background, paste_digit, render, sample_scene
+from mmprune.data.minivl.scenes import (
+    COLORS,
+    INK,
+    JITTER,
+    RADIUS,
+    SHAPES,
+    SIZES,
+    digit_image,
+    render,
+    sample_scene,
+)
 from mmprune.data.minivl.tasks import _digit_pools, signature, split_of
 from mmprune.plugins.manager import get_registry
 from mmprune.zoo.catalog import CATALOG
@@ -58,46 +68,58 @@ def labelled_digits(n: int, size: int, rng: np.random.Generator) -> tuple[list, 
     for _ in range(n):
         k = int(rng.integers(1, 4))
         cells, picks = rng.choice(9, k, replace=False), rng.choice(pools["train"], k, replace=False)
-        img = np.clip(_background(size, rng), 0, 255).astype(np.uint8)
+        images.append(digit_image([glyphs[p] for p in picks], cells, size, rng))
         y = np.full((9, 4), IGNORE)
         y[:, 3] = 0
-        for c, p in zip(cells, picks):
-            paste_digit(img, glyphs[p], int(c), max(1, size // 24), rng)
-            y[c, 3] = 1 + int(targets[p])
-        images.append(img)
+        y[cells, 3] = 1 + targets[picks]
         labels.append(y)
     return images, np.stack(labels)
 
 
-def train_tower(adapter, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int = 64,
-                lr: float = 1e-3) -> list[dict]:
-    tower = adapter.model.vision_model
-    head = torch.nn.Linear(tower.config.hidden_size, 9 * sum(GROUPS.values()))
-    params = list(tower.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+def scratch_clip(**vision: int):
+    """The adapter of a freshly initialised model of `clip-minivl`'s architecture, with
+    `vision` overriding its vision config (image_size, patch_size)."""
+    cls = get_registry().models["clip"]
+    config = copy.deepcopy(CATALOG["clip-minivl"].config)
+    config["vision_config"].update(vision)
+    model = cls.tiny_model(0, config)
+    return cls(model, *cls.default_processors(model))
+
+
+def fit(tower, head, x: torch.Tensor, y: torch.Tensor, loss, steps: int, lr: float = 1e-3,
+        warmup: int = 100, every: int = 100, batch: int = 64) -> list[tuple[int, list[float]]]:
+    """Train `tower` and the linear `head` on its pooled state: AdamW, linear warm-up then a
+    cosine decay, seeded batches. `loss(logits, targets)` returns a 1-D tensor of loss parts,
+    summed for the step; returns each window of `every` steps' mean parts."""
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=lr,
+                            weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(0)
     tower.train()
     curve, window = [], []
     for step in range(steps):
         idx = torch.randint(len(x), (batch,), generator=gen)
-        out = head(tower(pixel_values=x[idx]).pooler_output).view(batch, 9, -1)
-        target = y[idx]
-        parts = [F.cross_entropy(o.reshape(-1, k), target[..., j].reshape(-1), ignore_index=IGNORE)
-                 for j, (o, k) in enumerate(zip(out.split(list(GROUPS.values()), -1), GROUPS.values()))]
+        parts = loss(head(tower(pixel_values=x[idx]).pooler_output), y[idx])
         opt.zero_grad()
-        sum(parts).backward()
+        parts.sum().backward()
         opt.step()
         sched.step()
-        window.append([p.item() for p in parts])
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            mean = np.mean(window, 0)
-            curve.append({"step": step + 1, **{g: round(float(v), 3) for g, v in zip(GROUPS, mean)}})
-            print(curve[-1], flush=True)
+        window.append(parts.tolist())
+        if (step + 1) % every == 0 or step + 1 == steps:
+            curve.append((step + 1, [round(float(v), 3) for v in np.mean(window, 0)]))
+            print(f"step {step + 1}: loss {curve[-1][1]}", flush=True)
             window = []
     tower.eval()
     return curve
+
+
+def cell_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per attribute group over the 9 cells; cells without the attribute ignored."""
+    out = logits.view(len(logits), 9, -1).split(list(GROUPS.values()), -1)
+    return torch.stack([F.cross_entropy(o.reshape(-1, k), target[..., j].reshape(-1),
+                                        ignore_index=IGNORE)
+                        for j, (o, k) in enumerate(zip(out, GROUPS.values()))])
 
 
 def probes(adapter, size: int) -> dict[str, float]:
@@ -130,11 +152,7 @@ def main() -> None:
     ap.add_argument("--digit-scenes", type=int, default=8000, help="labelled digit scenes")
     a = ap.parse_args()
     torch.manual_seed(0)
-    cls = get_registry().models["clip"]
-    config = copy.deepcopy(CATALOG["clip-minivl"].config)
-    config["vision_config"].update(image_size=a.image_size, patch_size=a.patch_size)
-    model = cls.tiny_model(0, config)
-    adapter = cls(model, *cls.default_processors(model))
+    adapter = scratch_clip(image_size=a.image_size, patch_size=a.patch_size)
     rng = np.random.default_rng(123)
     t0 = time.perf_counter()
     scenes, y_scenes = labelled_scenes(a.scenes, a.image_size, rng)
@@ -145,9 +163,13 @@ def main() -> None:
     y = torch.as_tensor(np.concatenate([y_scenes, y_digits]))
     print(f"{len(images)} labelled images in {time.perf_counter() - t0:.0f}s", flush=True)
     t0 = time.perf_counter()
-    curve = train_tower(adapter, x, y, a.steps)
+    tower = adapter.model.vision_model
+    head = torch.nn.Linear(tower.config.hidden_size, 9 * sum(GROUPS.values()))
+    curve = [{"step": n, **dict(zip(GROUPS, parts))}
+             for n, parts in fit(tower, head, x, y, cell_loss, a.steps)]
     seconds = time.perf_counter() - t0
     row = {"steps": a.steps, "patch_size": a.patch_size, "image_size": a.image_size,
+           "render": {"radius": RADIUS, "jitter": JITTER, "ink": INK},
            "images": len(images), "train_seconds": round(seconds), "loss_curve": curve,
            "probes": probes(adapter, a.image_size)}
     print(json.dumps(row["probes"], indent=1))

@@ -116,3 +116,36 @@ def test_cached_load_is_identical(private_cache):
     first = load_task(p)
     assert any((private_cache / "minivl").rglob("dataset_dict.json"))
     assert fingerprint(load_task(p)) == fingerprint(first)
+
+
+def test_card_ink_writes_dark_strokes_on_light_paper_inside_the_cell():
+    from mmprune.data.minivl.tasks import _digit_pools
+    glyphs, _, _ = _digit_pools()
+    img = scenes.digit_image([glyphs[0]], [4], 64, np.random.default_rng(0), ink="card").astype(float)
+    lum = img @ np.array([0.299, 0.587, 0.114])
+    stroke = np.kron(glyphs[0] / 16.0, np.ones((2, 2))) > 0.9
+    card = lum[19:45, 19:45]                      # the centre cell, with the glyph's 2 px jitter
+    assert (card > 180).sum() > 100               # paper around the glyph
+    assert (card < 90).sum() >= stroke.sum() * 0.8   # the strokes, in dark ink
+    assert np.median(lum[:12, :12]) < 180         # the scene around it stays textured background
+
+
+def test_contrast_ink_stands_out_from_the_background_under_it():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        region = scenes.background(16, rng)
+        ink = scenes.ink_colour(region, rng, "contrast")
+        lum = lambda c: float(np.asarray(c) @ np.array([0.299, 0.587, 0.114]))  # noqa: E731
+        assert abs(lum(ink) - lum(region.reshape(-1, 3).mean(0))) >= scenes.MIN_CONTRAST
+
+
+def test_unknown_ink_names_the_valid_ones():
+    img = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="card"):
+        scenes.paste_digit(img, np.ones((8, 8)), 0, 2, np.random.default_rng(0), ink="gold")
+
+
+def test_object_radius_is_a_parameter_of_render():
+    scene = scenes.Scene((scenes.SceneObject("square", "red", "small", 4),), 7)
+    red = [(scenes.render(scene, 64, {"small": r, "large": 0.46})[..., 0] > 180).sum() for r in (0.24, 0.32)]
+    assert red[1] > 1.5 * red[0]

@@ -16,7 +16,7 @@ from mmprune.data.minivl import language
 from mmprune.data.minivl.scenes import (
     POSITIONS,
     Scene,
-    paste_digit,
+    digit_image,
     render,
     sample_scene,
 )
@@ -132,19 +132,13 @@ def _digit_pools() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
 
 def _digits(size: int):
     images, targets, pools = _digit_pools()
-    scale = max(1, size // 24)
-    from mmprune.data.minivl.scenes import (
-        _background,  # same textured backgrounds as the scenes
-    )
 
     def make(rng):
         split = SPLITS[int(rng.choice(3, p=[0.8, 0.1, 0.1]))]
         n = int(rng.integers(1, 4))
         cells = rng.choice(9, size=n, replace=False)
         picks = rng.choice(pools[split], size=n, replace=False)
-        img = np.clip(_background(size, rng), 0, 255).astype(np.uint8)
-        for cell, k in zip(cells, picks):
-            paste_digit(img, images[k], int(cell), scale, rng)
+        img = digit_image([images[k] for k in picks], cells, size, rng)
         digits = [int(targets[k]) for k in picks]
         phrases = [f"a {language.DIGIT_WORDS[d]} {language._pos(POSITIONS[c])}" for d, c in zip(digits, cells)]
         text = rng.choice(["the digits ", "handwritten ", "a picture of ", ""]) + " and ".join(phrases) + "."
