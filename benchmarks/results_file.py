@@ -5,6 +5,12 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+#: the MiniVL generator the data and zoo models come from (BENCHMARKS.md, "Data versions"). Bump
+#: it with every change to mmprune/data/minivl that changes the data: rows measured on different
+#: generators are kept apart, not replaced.
+MINIVL_GENERATOR = 2
+GENERATOR_FIELD = "minivl_generator"
+
 
 def replace_rows(old: list[dict], rows: list[dict], key: Sequence[str]) -> list[dict]:
     """`old` without the rows `rows` measure again (same `key` fields), then `rows`."""
@@ -13,8 +19,12 @@ def replace_rows(old: list[dict], rows: list[dict], key: Sequence[str]) -> list[
 
 
 def merge_rows(path: Path, rows: list[dict], key: Sequence[str]) -> None:
-    """Write `rows` into the JSON list at `path`, replacing earlier rows with the same `key`
-    fields and keeping the rest, sorted by key."""
+    """Write `rows`, stamped with the current MiniVL generator, into the JSON list at `path`,
+    replacing earlier rows with the same `key` fields and generator and keeping the rest,
+    sorted by key. Rows written before the stamp existed are generator 1's."""
     old = json.loads(path.read_text()) if path.exists() else []
+    old = [{GENERATOR_FIELD: 1, **r} for r in old]
+    rows = [{**r, GENERATOR_FIELD: MINIVL_GENERATOR} for r in rows]
+    key = (GENERATOR_FIELD, *key)
     merged = replace_rows(old, rows, key)
     path.write_text(json.dumps(sorted(merged, key=lambda r: tuple(r[f] for f in key)), indent=1) + "\n")
