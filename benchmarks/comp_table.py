@@ -64,6 +64,12 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         # stages priced by their plan before they train (comp.cost_at), against Eq. 3's stage end
         "comp_plan": (comp, ["passes.0.comp.cost_at=plan"]),
         "upop_plan": (upop, ["passes.0.comp.cost_at=plan"]),
+        # at least half of each site's caption tokens kept, against MPS emptying the text tower
+        "comp_text_floor": (comp, ["passes.0.comp.min_token_frac={language_tokens: 0.5}"]),
+        # dropped tokens folded into one weighted token, as the token-only baseline does
+        "comp_merge": (comp, ["passes.0.comp.merge_dropped=fuse_one"]),
+        # a mode whose next stage would remove under a quarter of a quantum is retired
+        "comp_retire": (comp, ["passes.0.comp.retire_below=0.25"]),
     }
 
 
@@ -131,7 +137,8 @@ def _param_quantum(report: dict) -> float | None:
 
 
 def save(rows: list[dict]) -> None:
-    merge_rows(RESULTS, rows, ("family", "task", "method", "flops_reduction"))
+    # dense_value in the key: a rebuilt zoo (another machine, another dense model) adds rows
+    merge_rows(RESULTS, rows, ("family", "task", "method", "flops_reduction", "dense_value"))
 
 
 def table(rows: list[dict]) -> str:

@@ -112,7 +112,7 @@ class CompSearch:
             if mode in self.token_modes:
                 tower = self.token_modes[mode]
                 layers = p.token_layers.get(tower) if p.token_layers else None
-                self.rt.enable_token_mode(mode, p.min_token_frac, p.merge_dropped == "fuse_one", layers)
+                self.rt.enable_token_mode(mode, p.token_floor(mode), p.merge_dropped == "fuse_one", layers)
         self.v_sub = self._fixed_batches(p.val_split, p.v_sub, ctx.seed + 1)
         self.probe = self._fixed_batches(p.train_split, p.probe_set, ctx.seed + 2)
         self.trajectory: list[dict] = []
@@ -365,6 +365,12 @@ class CompSearch:
             if plan.empty:
                 self.scheduler.exhaust(mode)
                 self.log(f"comp: mode {mode} is exhausted")
+                continue
+            if max(plan.planned_flops, plan.nominal) < p.retire_below * quantum:
+                self.scheduler.exhaust(mode)
+                self.log(f"comp: mode {mode} is retired: its next stage would remove "
+                         f"{max(plan.planned_flops, plan.nominal):.4f} of the FLOPs, under "
+                         f"{p.retire_below} of a quantum")
                 continue
             priced = self._plan_damage(plan, f0) if p.cost_at == "plan" else None
             # stages smaller than the quantum (capped, or the last) can outrun the estimate:

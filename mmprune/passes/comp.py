@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mmprune.comp.mps import CANONICAL
 from mmprune.comp.plots import plot_trajectory
@@ -13,6 +13,8 @@ from mmprune.passes.base import FitSplit, Pass, PassParams, at_least_one
 from mmprune.training import Trainer, is_main
 
 Mode = Literal["vision_tokens", "language_tokens", "vision_params", "language_params", "cross_params"]
+TokenMode = Literal["vision_tokens", "language_tokens"]
+DEFAULT_MIN_TOKEN_FRAC = 0.05
 
 
 class CompParams(PassParams):
@@ -65,8 +67,17 @@ class CompParams(PassParams):
                                         "most, besides the FLOPs quantum (None: FLOPs only). Once a "
                                         "tower's tokens are mostly dropped its units cost little "
                                         "FLOPs each, and one FLOPs quantum could take most of them.")
-    min_token_frac: float = Field(0.05, ge=0.0, le=1.0, description="Share of a site's candidate "
-                                  "tokens always kept.")
+    retire_below: float = Field(0.0, ge=0.0, lt=1.0, description="Retire a mode once its next "
+                                "stage would remove less than this share of a quantum (0: only "
+                                "when it can remove nothing). A tower whose tokens are mostly "
+                                "dropped has units that cost almost no FLOPs; their stages are "
+                                "priced by a quality change over a tiny FLOPs change, mostly "
+                                "noise, which MPS then chases.")
+    min_token_frac: float | dict[TokenMode, float] = Field(
+        0.05, description="Share of a site's candidate tokens always kept: one share for every "
+        "token mode, or one per mode ({vision_tokens: 0.05, language_tokens: 0.5}; a mode not "
+        "named keeps 0.05). A caption has a dozen candidates where an image has 64, so a floor "
+        "on language tokens keeps MPS from emptying the text tower when each stage looks cheap.")
     score_norm: Literal["zscore_per_kind", "none"] = Field("zscore_per_kind", description="How head "
                                                            "and channel scores are made comparable.")
     cost_metric: Literal["val_metric", "val_loss"] = Field("val_metric", description="Quality Q "
@@ -89,6 +100,20 @@ class CompParams(PassParams):
     tol: float = Field(0.005, ge=0.0, description="Stop within this share of the dense FLOPs of the target.")
     train_split: FitSplit = Field("train", description="Split trained on.")
     val_split: FitSplit = Field("validation", description="Split that prices stages (never test).")
+
+    @field_validator("min_token_frac")
+    @classmethod
+    def _shares(cls, v):
+        for share in (v.values() if isinstance(v, dict) else [v]):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"a share of tokens lies in [0, 1], not {share}")
+        return v
+
+    def token_floor(self, mode: str) -> float:
+        """The `min_token_frac` of token mode `mode`."""
+        if isinstance(self.min_token_frac, dict):
+            return self.min_token_frac.get(mode, DEFAULT_MIN_TOKEN_FRAC)
+        return self.min_token_frac
 
 
 class Comp(Pass):

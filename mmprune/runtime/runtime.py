@@ -176,6 +176,10 @@ class TokenRuntime:
             if not d.sites:
                 layers = pdrop_layers(len(d.controls)) if layers is None else layers
                 d.set_sites([DecoderSite(i, 1.0) for i in layers])
+            elif d.min_keep_frac != min_keep_frac:
+                raise MMPruneError(f"a decoder LLM's token sites keep one share of tokens for both "
+                                   f"token modes; {mode} asks for {min_keep_frac}, the other for "
+                                   f"{d.min_keep_frac}: give min_token_frac one value")
             d.min_keep_frac = min_keep_frac
             return
         tower = TOKEN_TOWERS[mode]

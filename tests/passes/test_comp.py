@@ -104,3 +104,39 @@ def test_a_decoder_scope_without_a_decoder_is_a_clear_error(write_recipe, regist
     from mmprune.errors import MMPruneError
     with pytest.raises(MMPruneError, match="flops_scope 'decoder' needs a decoder LLM"):
         _run(write_recipe, registry, tmp_path / "run", {"flops_scope": "decoder"})
+
+
+def test_a_token_floor_per_mode_keeps_that_mode_whole(write_recipe, registry, tmp_path):
+    out = tmp_path / "run"
+    report = _run(write_recipe, registry, out,
+                  {"target": 0.3, "modes": ["vision_tokens", "language_tokens", "vision_params"],
+                   "min_token_frac": {"language_tokens": 1.0}})
+    state = report["state"]["comp"][0]
+    # every caption token is kept, so the language-token mode has nothing to remove
+    assert "language_tokens" not in {t["mode"] for t in state["trajectory"][1:]}
+    assert state["thresholds"]["language_tokens"] == 0 and state["thresholds"]["vision_tokens"] > 0
+    towers = json.loads((out / "model" / "mmprune.json").read_text())["token_policy"]["towers"]
+    assert towers["vision"]["min_keep_frac"] == 0.05
+    assert towers.get("language", {"theta": 0.0})["theta"] == 0.0
+
+
+@pytest.mark.parametrize("floor, message", [({"language_tokens": 1.5}, "lies in \\[0, 1\\]"),
+                                            ({"text_tokens": 0.5}, "language_tokens")])
+def test_a_bad_token_floor_is_a_clear_error(write_recipe, registry, tmp_path, floor, message):
+    from mmprune.errors import MMPruneError
+    with pytest.raises(MMPruneError, match=message):
+        _run(write_recipe, registry, tmp_path / "run", {"min_token_frac": floor})
+
+
+def test_a_mode_is_retired_before_a_stage_under_its_share_of_a_quantum(write_recipe, registry,
+                                                                        tmp_path):
+    def small(report):
+        return [t for t in report["state"]["comp"][0]["trajectory"][1:]
+                if max(t["planned"], t["nominal"]) < 0.5 * t["quantum"]]
+
+    params = {"target": 0.4, "max_stage_share": 0.15}
+    assert small(_run(write_recipe, registry, tmp_path / "a", params))   # such stages run by default
+    report = _run(write_recipe, registry, tmp_path / "b", {**params, "retire_below": 0.5})
+    assert not small(report)
+    state = report["state"]["comp"][0]
+    assert state["final_flops"] <= state["target"] + 0.005 + 1e-9

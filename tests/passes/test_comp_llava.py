@@ -50,3 +50,11 @@ def test_the_vit_is_not_a_mode_on_llava(write_recipe, registry, tmp_path):
     with pytest.raises(MMPruneError, match="vision_params"):
         run_recipe(write_recipe, registry, _recipe(tmp_path / "run", [
             {"comp": {**FAST, "modes": ["vision_params", "language_params"]}}]))
+
+
+def test_a_decoder_takes_one_token_floor_for_both_modes(write_recipe, registry, tmp_path):
+    from mmprune.errors import MMPruneError
+    floors = {"vision_tokens": 0.05, "language_tokens": 0.5}
+    with pytest.raises(MMPruneError, match="give min_token_frac one value"):
+        run_recipe(write_recipe, registry, _recipe(tmp_path / "run", [
+            {"comp": {**FAST, "min_token_frac": floors}}]))
