@@ -12,8 +12,8 @@ same. Numbers are test metrics of the exported model; FLOPs reductions are the a
 over the test split; speedups are median latencies of the dense and pruned models timed
 interleaved in the same run. LLaVA's token-only methods (PDrop, FastV) take their targets as
 reductions of the decoder's prefill FLOPs (`flops_scope: decoder`), with the whole model's
-beside. Rows go to benchmarks/results/comp.json (one per family, task, method, ratio; a rerun
-replaces its rows) and a markdown table is printed.
+beside. Rows go to benchmarks/results/comp.json (one per family, task, method, ratio and dense
+value, so a rebuilt zoo adds rows; a rerun replaces its rows) and a markdown table is printed.
 """
 from __future__ import annotations
 
