@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from transformers import BlipForImageTextRetrieval
 from mmprune.data.batching import iterate_batches
 from mmprune.data.minivl.source import MiniVLParams, load_task
 from mmprune.models.blip import BlipRetrievalAdapter
+from mmprune.training import cosine
 from mmprune.zoo.build import build
 
 RESULTS = Path(__file__).parent / "results" / "nlvr_layouts.json"
@@ -118,8 +118,7 @@ def finetune(ad, data, layout: str, steps: int, lr: float, batch_size: int, free
     params += list(head.parameters()) if layout == "sides" else []
     opt = torch.optim.AdamW(params, lr, weight_decay=0.05)
     warm = 50
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, steps, warm))
     rows, losses, epoch, t0 = [], [], 0, time.perf_counter()
     model.train()
     while len(losses) < steps:

@@ -70,6 +70,12 @@ class StagePlan:
     def empty(self) -> bool:
         return not self.units and (self.theta is None or self.theta[1] <= self.theta[0])
 
+    @property
+    def removes(self) -> float:
+        """FLOPs the stage is expected to remove: as measured on the probe set, or its units' own
+        FLOPs where those are more."""
+        return max(self.planned_flops, self.nominal)
+
 
 class CompSearch:
     """One search run. `p` is the pass's parameter model (mmprune.passes.comp.CompParams)."""
@@ -366,11 +372,10 @@ class CompSearch:
                 self.scheduler.exhaust(mode)
                 self.log(f"comp: mode {mode} is exhausted")
                 continue
-            if max(plan.planned_flops, plan.nominal) < p.retire_below * quantum:
+            if plan.removes < p.retire_below * quantum:
                 self.scheduler.exhaust(mode)
                 self.log(f"comp: mode {mode} is retired: its next stage would remove "
-                         f"{max(plan.planned_flops, plan.nominal):.4f} of the FLOPs, under "
-                         f"{p.retire_below} of a quantum")
+                         f"{plan.removes:.4f} of the FLOPs, under {p.retire_below} of a quantum")
                 continue
             priced = self._plan_damage(plan, f0) if p.cost_at == "plan" else None
             # stages smaller than the quantum (capped, or the last) can outrun the estimate:
@@ -388,7 +393,7 @@ class CompSearch:
             f_new = self.measure_flops(self.v_sub)[0] / f0
             q_priced, f_priced = priced or (q_new, f_new)
             r = self.scheduler.record(mode, q_cur, q_priced, f_cur, f_priced, why=why,
-                                      planned=max(plan.planned_flops, plan.nominal),
+                                      planned=plan.removes,
                                       theta=self._thetas())
             self.trajectory.append({"stage": self.scheduler.stage, "mode": mode, "why": why,
                                     "quality": q_new, "flops": f_new, "r": r,

@@ -74,7 +74,7 @@ class CompParams(PassParams):
                                 "priced by a quality change over a tiny FLOPs change, mostly "
                                 "noise, which MPS then chases.")
     min_token_frac: float | dict[TokenMode, float] = Field(
-        0.05, description="Share of a site's candidate tokens always kept: one share for every "
+        DEFAULT_MIN_TOKEN_FRAC, description="Share of a site's candidate tokens always kept: one share for every "
         "token mode, or one per mode ({vision_tokens: 0.05, language_tokens: 0.5}; a mode not "
         "named keeps 0.05). A caption has a dozen candidates where an image has 64, so a floor "
         "on language tokens keeps MPS from emptying the text tower when each stage looks cheap.")
