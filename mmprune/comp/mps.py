@@ -46,13 +46,21 @@ class ModeScheduler:
     def active(self) -> list[str]:
         return [m for m in self.modes if m not in self.exhausted]
 
-    def choose(self) -> tuple[str, str] | None:
-        """(mode, why) for the next stage, or None when every mode is exhausted."""
-        active = self.active
+    def choose(self, prices: dict[str, float] | None = None,
+               among: set[str] | None = None) -> tuple[str, str] | None:
+        """(mode, why) for the next stage, or None when every mode is exhausted.
+
+        `prices` (lookahead): each candidate mode's cost r of its next stage, measured before
+        choosing; only those modes are candidates, none needs a warm-up stage, and a mode's
+        cost is its price blended with its history as Eq. (5) blends a stage's r. `among`
+        limits the candidates without prices (plans refused by a lookahead).
+        """
+        active = [m for m in self.active if (prices is None or m in prices)
+                  and (among is None or m in among)]
         if not active:
             return None
         self.stage += 1
-        fresh = [m for m in active if m not in self.cost]
+        fresh = [] if prices is not None else [m for m in active if m not in self.cost]
         if fresh:
             return fresh[0], "warm-up"
         if self._rng.random() < self.rho:
@@ -60,7 +68,26 @@ class ModeScheduler:
             top = max(logits)
             weights = [math.exp(x - top) for x in logits]
             return self._rng.choices(active, weights=weights)[0], "explore"
-        return min(active, key=lambda m: (self.cost[m], self.modes.index(m))), "exploit"
+        cost = self.cost if prices is None else {m: self._blend(m, r) for m, r in prices.items()}
+        return min(active, key=lambda m: (cost[m], self.modes.index(m))), "exploit"
+
+    def _blend(self, mode: str, r: float) -> float:
+        """Eq. (5): `r` blended with `mode`'s history, weighted by how long ago it last ran."""
+        if mode not in self.cost:
+            return r
+        lam = history_weight(self.stage - self.last[mode], self.lambda0, self.i_max)
+        return lam * self.cost[mode] + (1 - lam) * r
+
+    def price(self, q_before: float, q_after: float, f_before: float, f_after: float,
+              planned: float = 0.0) -> float:
+        """Eq. (3), quality lost per FLOP removed (F as a fraction of dense).
+
+        Deviation from Eq. (3): the FLOPs removed are taken as at least half of what the stage
+        `planned`. Removing heads reshapes attention maps, so relative token thresholds can keep
+        more tokens and a stage can remove nothing or even add FLOPs; dividing by ε_F then made a
+        stage whose quality merely recovered look infinitely cheap, and MPS chased that mode.
+        """
+        return (q_before - q_after) / max(f_before - f_after, 0.5 * planned, self.eps_flops)
 
     def exhaust(self, mode: str) -> None:
         """`mode` cannot remove a quantum any more: never choose it again; the stage did not run."""
@@ -73,20 +100,9 @@ class ModeScheduler:
 
     def record(self, mode: str, q_before: float, q_after: float, f_before: float, f_after: float,
                planned: float = 0.0, **log) -> float:
-        """Eqs. (3)-(5) after a stage of `mode`; F as a fraction of dense FLOPs. Returns r.
-
-        Deviation from Eq. (3): the FLOPs removed are taken as at least half of what the stage
-        `planned`. Removing heads reshapes attention maps, so relative token thresholds can keep
-        more tokens and a stage can remove nothing or even add FLOPs; dividing by ε_F then made a
-        stage whose quality merely recovered look infinitely cheap, and MPS chased that mode.
-        """
-        removed = max(f_before - f_after, 0.5 * planned, self.eps_flops)
-        r = (q_before - q_after) / removed
-        if mode in self.cost:
-            lam = history_weight(self.stage - self.last[mode], self.lambda0, self.i_max)
-            self.cost[mode] = lam * self.cost[mode] + (1 - lam) * r
-        else:
-            self.cost[mode] = r
+        """Eqs. (3)-(5) after a stage of `mode` (see `price`). Returns r."""
+        r = self.price(q_before, q_after, f_before, f_after, planned)
+        self.cost[mode] = self._blend(mode, r)
         self.last[mode] = self.stage
         self.trajectory.append({"stage": self.stage, "mode": mode, "r": r, "R": dict(self.cost),
                                 "quality": q_after, "flops": f_after, **log})

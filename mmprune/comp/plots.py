@@ -24,9 +24,20 @@ def plot_trajectory(result: dict[str, Any], path: Path, task: str) -> Path:
     for t in stages:
         top.scatter(t["stage"], modes.index(t["mode"]), color=COLOURS[t["mode"]], s=60,
                     marker={"warm-up": "s", "explore": "^", "exploit": "o"}.get(t.get("why"), "o"))
+        for m in t.get("lookahead", {}):    # cost_at lookahead: the plans priced and passed over
+            if m == t["mode"]:
+                continue
+            if m in t["refused"]:
+                top.scatter(t["stage"], modes.index(m), s=18, marker="x", color="grey")
+            else:
+                top.scatter(t["stage"], modes.index(m), s=18, marker="o", facecolors="none",
+                            edgecolors="grey")
     top.set_yticks(range(len(modes)), modes)
     top.set_ylim(-0.5, len(modes) - 0.5)
-    top.set_title("MPS: mode per stage (square: warm-up, triangle: exploration, circle: lowest cost)")
+    title = "MPS: mode per stage (square: warm-up, triangle: exploration, circle: lowest cost)"
+    if any("lookahead" in t for t in stages):
+        title += "\nsmall: priced, not chosen (x: refused as far dearer than the cheapest)"
+    top.set_title(title, fontsize=9)
     top.grid(axis="x", alpha=0.3)
     xs = [t["stage"] for t in traj]
     bottom.plot(xs, [t["flops"] for t in traj], color="black", marker=".", label="FLOPs (share of dense)")

@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -334,6 +335,61 @@ class CompSearch:
             sizes[gid] -= len(units)
         return sizes
 
+    def _plan(self, mode: str, quantum: float, f_probe_now: float, f0_probe: float,
+              counts: dict[str, torch.Tensor]) -> StagePlan | None:
+        """`mode`'s next stage, or None when it has nothing worth a stage (the caller drops it)."""
+        if mode in self.token_modes:
+            plan = self.plan_tokens(mode, quantum, f_probe_now, f0_probe, counts)
+        else:
+            plan = self.plan_params(mode, quantum, counts, f_probe_now, f0_probe)
+        if plan.empty:
+            self.log(f"comp: mode {mode} is exhausted")
+            return None
+        if plan.removes < self.p.retire_below * quantum:
+            self.log(f"comp: mode {mode} is retired: its next stage would remove "
+                     f"{plan.removes:.4f} of the FLOPs, under {self.p.retire_below} of a quantum")
+            return None
+        return plan
+
+    def _pick(self, planned: Callable[[str], StagePlan | None], f0: float):
+        """MPS as in the spec: choose on past costs, then plan; a mode with no plan is dropped
+        and the choice made again."""
+        while (choice := self.scheduler.choose()) is not None:
+            mode, why = choice
+            plan = planned(mode)
+            if plan is None:
+                self.scheduler.exhaust(mode)
+                continue
+            priced = self._plan_damage(plan, f0) if self.p.cost_at == "plan" else None
+            return mode, why, plan, priced, {}
+        return None
+
+    def _pick_by_lookahead(self, planned: Callable[[str], StagePlan | None], quantum: float,
+                           q_cur: float, f_cur: float, f0: float):
+        """Plan and price every active mode's next stage, then choose: among the prices
+        (`cost_at: lookahead`), or on past costs as `cost_at` says (`refuse_dear_plans`). A plan
+        expected to lose more than `lookahead_margin` of quality per quantum beyond the cheapest
+        is refused, so neither exploration nor a cheap history can take it."""
+        plans, damage, prices = {}, {}, {}
+        for mode in list(self.scheduler.active):
+            plan = planned(mode)
+            if plan is None:
+                self.scheduler.retire(mode)
+                continue
+            plans[mode] = plan
+            damage[mode] = q, f = self._plan_damage(plan, f0)
+            prices[mode] = self.scheduler.price(q_cur, q, f_cur, f, planned=plan.removes)
+        if not prices:
+            return None
+        best = min(prices.values())
+        allowed = {m: r for m, r in prices.items() if (r - best) * quantum <= self.p.lookahead_margin}
+        by_price = self.p.cost_at == "lookahead"
+        mode, why = (self.scheduler.choose(allowed) if by_price
+                     else self.scheduler.choose(among=set(allowed)))
+        looked = {"lookahead": prices, "refused": sorted(set(prices) - set(allowed))}
+        priced = damage[mode] if self.p.cost_at != "stage_end" else None
+        return mode, why, plans[mode], priced, looked
+
     def run(self, trainer_factory: Callable[[int], Trainer]) -> dict[str, Any]:
         p, ctx = self.p, self.ctx
         f0, _ = self.measure_flops(self.v_sub, dense=True)
@@ -357,27 +413,16 @@ class CompSearch:
         bar = tqdm(total=stages_est, desc="comp stages", leave=False, disable=not ctx.show_progress,
                    dynamic_ncols=True)
         while f_cur > target + p.tol:
-            choice = self.scheduler.choose()
-            if choice is None:
-                self.log("comp: every mode is exhausted before the target")
-                break
-            mode, why = choice
             quantum = min(p.stage_quantum, f_cur - target)
             f_probe_now, counts = self.measure_flops(self.probe)
-            if mode in self.token_modes:
-                plan = self.plan_tokens(mode, quantum, f_probe_now, f0_probe, counts)
-            else:
-                plan = self.plan_params(mode, quantum, counts, f_probe_now, f0_probe)
-            if plan.empty:
-                self.scheduler.exhaust(mode)
-                self.log(f"comp: mode {mode} is exhausted")
-                continue
-            if plan.removes < p.retire_below * quantum:
-                self.scheduler.exhaust(mode)
-                self.log(f"comp: mode {mode} is retired: its next stage would remove "
-                         f"{plan.removes:.4f} of the FLOPs, under {p.retire_below} of a quantum")
-                continue
-            priced = self._plan_damage(plan, f0) if p.cost_at == "plan" else None
+            planned = partial(self._plan, quantum=quantum, f_probe_now=f_probe_now,
+                              f0_probe=f0_probe, counts=counts)
+            pick = (self._pick_by_lookahead(planned, quantum, q_cur, f_cur, f0)
+                    if p.cost_at == "lookahead" or p.refuse_dear_plans else self._pick(planned, f0))
+            if pick is None:
+                self.log("comp: every mode is exhausted before the target")
+                break
+            mode, why, plan, priced, looked = pick
             # stages smaller than the quantum (capped, or the last) can outrun the estimate:
             # stretch the schedule rather than train the extra stages at zero learning rate
             trainer.total = max(trainer.total, steps_done + k)
@@ -399,6 +444,7 @@ class CompSearch:
                                     "quality": q_new, "flops": f_new, "r": r,
                                     **({"priced_quality": q_priced, "priced_flops": f_priced}
                                        if priced else {}),
+                                    **looked,
                                     "removed": f_cur - f_new, "planned": plan.planned_flops,
                                     "nominal": plan.nominal,
                                     "quantum": quantum, "cap": min(quantum, plan.cap),

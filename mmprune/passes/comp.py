@@ -83,13 +83,23 @@ class CompParams(PassParams):
     cost_metric: Literal["val_metric", "val_loss"] = Field("val_metric", description="Quality Q "
                                                            "of a stage: the headline validation "
                                                            "metric or −100 × validation loss.")
-    cost_at: Literal["stage_end", "plan"] = Field("stage_end", description="When a stage's "
-                                                  "quality loss is measured: 'stage_end', after "
-                                                  "its K training steps (Eq. 3); 'plan', with the "
-                                                  "planned units at 0 or θ at its new value before "
-                                                  "any training, so a stage is not credited with "
-                                                  "training that continues (recovery from the "
-                                                  "stage before, an undertrained model improving).")
+    cost_at: Literal["stage_end", "plan", "lookahead"] = Field(
+        "stage_end", description="When a stage's quality loss is measured: 'stage_end', after its "
+        "K training steps (Eq. 3); 'plan', with the planned units at 0 or θ at its new value "
+        "before any training, so a stage is not credited with training that continues (recovery "
+        "from the stage before, an undertrained model improving); 'lookahead', every active "
+        "mode's plan priced that way before the mode is chosen, so MPS compares this stage's "
+        "prices instead of past ones (one more validation pass per mode per stage).")
+    refuse_dear_plans: bool = Field(False, description="Price every active mode's plan before "
+                                    "each choice, as cost_at 'lookahead' does, only to refuse the "
+                                    "dear ones (lookahead_margin); the choice among the rest "
+                                    "follows cost_at. Implied by cost_at 'lookahead'.")
+    lookahead_margin: float = Field(5.0, ge=0.0, description="With cost_at 'lookahead' or "
+                                    "refuse_dear_plans: a plan expected to lose more than this "
+                                    "much quality Q (metric points, or 100 × validation loss) per "
+                                    "quantum beyond the cheapest plan is refused, by exploration "
+                                    "too. One head removed from a token-pruned text tower can "
+                                    "cost more than every other mode's stage together.")
     v_sub: int = Field(1000, ge=8, description="Validation examples that price each stage.")
     probe_set: int = Field(256, ge=8, description="Training examples that size each stage's quantum.")
     flops_scope: Literal["model", "decoder"] = Field("model", description="What `target` and "

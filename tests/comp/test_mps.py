@@ -122,3 +122,33 @@ def test_a_stage_that_removed_nothing_is_priced_by_what_it_planned():
     assert r == pytest.approx(-6.0 / 0.01)
     s.choose()
     assert s.record("vision_params", 10.0, 9.0, 0.5, 0.48, planned=0.02) == pytest.approx(1 / 0.02)
+
+
+def test_lookahead_prices_need_no_warm_up_and_blend_with_history():
+    s = ModeScheduler(MODES, rho=0.0, lambda0=0.4)
+    prices = dict(vision_tokens=3.0, language_tokens=2.0, vision_params=1.0, language_params=4.0)
+    assert s.choose(prices) == ("vision_params", "exploit")   # no warm-up stage
+    s.record("vision_params", 10.0, 10.0 - 1.0 * 0.02, 1.0, 0.98)
+    # vision_params ran last stage at r = 1: its cost is 0.4·1 + 0.6·price
+    prices = dict(vision_tokens=2.5, language_tokens=2.4, vision_params=3.0, language_params=4.0)
+    assert s.choose(prices) == ("vision_params", "exploit")    # 0.4 + 1.8 = 2.2 < 2.4
+    s.record("vision_params", 10.0, 10.0 - 3.0 * 0.02, 1.0, 0.98)
+    assert s.choose({**prices, "vision_params": 3.5})[0] == "language_tokens"
+
+
+def test_lookahead_candidates_are_the_priced_modes_only():
+    s = ModeScheduler(MODES, rho=1.0, seed=0)      # every draw explores
+    for _ in range(200):
+        mode, why = s.choose({"vision_tokens": 5.0, "language_params": 9.0})
+        assert why == "explore" and mode in {"vision_tokens", "language_params"}
+        s.record(mode, 1.0, 0.9, 1.0, 0.98)
+    assert s.choose({}) is None
+
+
+def test_among_limits_the_choice_on_past_costs():
+    s = ModeScheduler(MODES, rho=0.0)
+    assert s.choose(among={"vision_params", "language_params"}) == ("vision_params", "warm-up")
+    s.record("vision_params", 1.0, 0.0, 1.0, 0.98)
+    s.choose(among={"language_params"}); s.record("language_params", 1.0, 0.5, 1.0, 0.98)
+    # vision_tokens is fresh, but refused: the cheaper of the two allowed runs
+    assert s.choose(among={"vision_params", "language_params"}) == ("language_params", "exploit")

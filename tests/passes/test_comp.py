@@ -140,3 +140,29 @@ def test_a_mode_is_retired_before_a_stage_under_its_share_of_a_quantum(write_rec
     assert not small(report)
     state = report["state"]["comp"][0]
     assert state["final_flops"] <= state["target"] + 0.005 + 1e-9
+
+
+@pytest.mark.parametrize("cost_at, refuse, margin", [("lookahead", False, 0.0),
+                                                     ("lookahead", False, 1e9),
+                                                     ("stage_end", True, 0.0)])
+def test_lookahead_prices_every_mode_and_refuses_the_dear_ones(write_recipe, registry, tmp_path,
+                                                               cost_at, refuse, margin):
+    report = _run(write_recipe, registry, tmp_path / "run",
+                  {"target": 0.3, "cost_at": cost_at, "refuse_dear_plans": refuse,
+                   "cost_metric": "val_loss", "rho": 1.0, "lookahead_margin": margin})
+    state = report["state"]["comp"][0]
+    stages = state["trajectory"][1:]
+    assert state["final_flops"] <= state["target"] + 0.005 + 1e-9
+    assert len(stages[0]["lookahead"]) == 4             # every mode priced before the first choice
+    for t in stages:
+        best = min(t["lookahead"], key=t["lookahead"].get)
+        if cost_at == "lookahead":      # recorded at its price
+            assert t["r"] == pytest.approx(t["lookahead"][t["mode"]])
+        if margin == 0.0:   # only the cheapest plan is allowed, even though every draw explores
+            assert t["mode"] == best and set(t["refused"]) == set(t["lookahead"]) - {best}
+        else:
+            assert not t["refused"]
+    if margin > 0:   # exploration by staleness, not the price, picks the mode
+        assert any(t["mode"] != min(t["lookahead"], key=t["lookahead"].get) for t in stages)
+    if cost_at == "stage_end":      # priced after training, as without the lookahead
+        assert not any(t["r"] == pytest.approx(t["lookahead"][t["mode"]]) for t in stages)
