@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/comp_table.py --ratios 0.5 0.8 [--methods comp upop tokens sjp]
                                               [--ablations] [--tasks clip:retrieval blip:nlvr]
+                                              [--seeds 0 1 2]
     .venv/bin/python benchmarks/comp_table.py --tasks llava:instruct --ratios 0.3 0.46 0.62 \
                                               --methods pdrop fastv pdrop_sft params
     .venv/bin/python benchmarks/comp_table.py --tasks llava:vqa --ratios 0.62 --methods comp params pdrop
@@ -63,6 +64,11 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         "comp_greedy_explore": (comp, ["passes.0.comp.lambda0=0"]),
         # stages priced by their plan before they train (comp.cost_at), against Eq. 3's stage end
         "comp_plan": (comp, ["passes.0.comp.cost_at=plan"]),
+        # every mode's plan priced before the choice; dear plans refused
+        "comp_lookahead": (comp, ["passes.0.comp.cost_at=lookahead"]),
+        # stage-end pricing as the spec's, with plans far dearer than the cheapest refused
+        "comp_refuse": (comp, ["passes.0.comp.refuse_dear_plans=true",
+                               "passes.0.comp.lookahead_margin=20"]),
         "upop_plan": (upop, ["passes.0.comp.cost_at=plan"]),
         # at least half of each site's caption tokens kept, against MPS emptying the text tower
         "comp_text_floor": (comp, ["passes.0.comp.min_token_frac={language_tokens: 0.5}"]),
@@ -87,15 +93,15 @@ def targets(method: str, ratio: float) -> list[str]:
     return [f"passes.0.comp.target={ratio}"]
 
 
-def run_one(family: str, task: str, method: str, ratio: float) -> dict:
+def run_one(family: str, task: str, method: str, ratio: float, seed: int = 0) -> dict:
     recipe, extra = methods(family, task)[method]
     reg = get_registry()
-    out = ROOT / "runs" / "bench" / "comp" / f"{family}_{task}_{method}_{ratio}"
-    rec = load_recipe(recipe, reg, tuple(targets(method, ratio) + extra))
+    out = ROOT / "runs" / "bench" / "comp" / f"{family}_{task}_{method}_{ratio}_s{seed}"
+    rec = load_recipe(recipe, reg, tuple(targets(method, ratio) + extra + [f"seed={seed}"]))
     t0 = time.perf_counter()
     report = run(rec, reg, out=out, overwrite=True, show_progress=False, log=lambda m: None)
     head = report["headline_metric"]
-    row = {"family": family, "task": task, "method": method, "flops_reduction": ratio,
+    row = {"family": family, "task": task, "method": method, "flops_reduction": ratio, "seed": seed,
            "achieved_flops_reduction": round(report["ratios"]["flops_reduction"], 4),
            "metric": head, "value": round(report["final"]["metrics"][head], 2),
            "dense_value": round(report["baseline"]["metrics"][head], 2),
@@ -137,16 +143,18 @@ def _param_quantum(report: dict) -> float | None:
 
 
 def save(rows: list[dict]) -> None:
-    # dense_value in the key: a rebuilt zoo (another machine, another dense model) adds rows
-    merge_rows(RESULTS, rows, ("family", "task", "method", "flops_reduction", "dense_value"))
+    # dense_value in the key: a rebuilt zoo (another machine, another dense model) adds rows;
+    # rows from before seeds were recorded ran the recipes' seed, 0
+    merge_rows(RESULTS, rows, ("family", "task", "method", "flops_reduction", "dense_value", "seed"),
+               defaults={"seed": 0})
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| family | task | method | target | achieved | metric | value | dense | kept | speedup | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| family | task | method | seed | target | achieved | metric | value | dense | kept | speedup | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kept = 100 * r["value"] / r["dense_value"] if r["dense_value"] else float("nan")
-        lines.append(f"| {r['family']} | {r['task']} | {r['method']} | {r['flops_reduction']} | "
+        lines.append(f"| {r['family']} | {r['task']} | {r['method']} | {r['seed']} | {r['flops_reduction']} | "
                      f"{r['achieved_flops_reduction']:.3f} | {r['metric']} | {r['value']:.2f} | "
                      f"{r['dense_value']:.2f} | {kept:.0f}% | {r['speedup']:.2f}x | {r['seconds']:.0f} |")
     return "\n".join(lines)
@@ -158,19 +166,22 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.85])
     ap.add_argument("--methods", nargs="+", default=["comp", "upop", "tokens", "sjp"])
     ap.add_argument("--ablations", action="store_true", help="also the ablations, at 0.8 only")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="run seeds (the recipes' is 0): "
+                    "the search's batches, exploration draws and fine-tuning order; the zoo model "
+                    "is the same")
     args = ap.parse_args()
     plan = []
     for pair in args.tasks:
         family, task = pair.split(":")
-        plan += [(family, task, m, r) for r in args.ratios for m in args.methods]
+        plan += [(family, task, m, r, s) for s in args.seeds for r in args.ratios for m in args.methods]
         if args.ablations:
-            plan += [(family, task, m, 0.8) for m in ABLATIONS]
+            plan += [(family, task, m, 0.8, s) for s in args.seeds for m in ABLATIONS]
     rows = []
-    for family, task, method, ratio in plan:
+    for family, task, method, ratio, seed in plan:
         try:
-            row = run_one(family, task, method, ratio)
+            row = run_one(family, task, method, ratio, seed)
         except MMPruneError as exc:       # e.g. a token-only target beyond what its sites can drop
-            print(f"| {family} | {task} | {method} | {ratio} | not reachable: {exc} |", flush=True)
+            print(f"| {family} | {task} | {method} | {seed} | {ratio} | not reachable: {exc} |", flush=True)
             continue
         rows.append(row)
         save([row])

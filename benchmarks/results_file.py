@@ -18,12 +18,13 @@ def replace_rows(old: list[dict], rows: list[dict], key: Sequence[str]) -> list[
     return [r for r in old if tuple(r[f] for f in key) not in new] + rows
 
 
-def merge_rows(path: Path, rows: list[dict], key: Sequence[str]) -> None:
+def merge_rows(path: Path, rows: list[dict], key: Sequence[str], defaults: dict | None = None) -> None:
     """Write `rows`, stamped with the current MiniVL generator, into the JSON list at `path`,
     replacing earlier rows with the same `key` fields and generator and keeping the rest,
-    sorted by key. Rows written before the stamp existed are generator 1's."""
+    sorted by key. Rows written before the stamp existed are generator 1's; `defaults` fills
+    key fields that older rows lack."""
     old = json.loads(path.read_text()) if path.exists() else []
-    old = [{GENERATOR_FIELD: 1, **r} for r in old]
+    old = [{GENERATOR_FIELD: 1, **(defaults or {}), **r} for r in old]
     rows = [{**r, GENERATOR_FIELD: MINIVL_GENERATOR} for r in rows]
     key = (GENERATOR_FIELD, *key)
     merged = replace_rows(old, rows, key)
