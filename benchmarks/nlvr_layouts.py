@@ -5,10 +5,14 @@
                                                 [--batch-size 48] [--freeze-vision]
 
 Layouts, all starting from the built `blip-minivl` (ViT, text encoder with cross-attention):
-- `stitched`: the zoo's: the pair side by side (position embeddings interpolated to 8x16
+- `stitched`: the zoo's until 2026-11-23: the pair side by side (position embeddings interpolated to 8x16
   patches), one fused pass, the ITM head as classifier.
 - `sides`: each image through the ViT on its own, one fused pass per image, a new linear head
   on the two [CLS] states (closer to BLIP's own NLVR model, which has two cross-attentions).
+- `paired`: the zoo's now (`BlipRetrievalAdapter`'s NLVR forward): as `sides`, but each fused
+  pass reads the statement behind a word naming its image ("left" / "right"), so the pass knows
+  which side it sees, and the mean of the two [CLS] states goes through the model's own ITM head
+  (no new parameters).
 
 `probe` fits an MLP (one hidden layer of 256) on frozen features of the train split and scores
 validation: the unimodal text [CLS] (a blind baseline), the stitched fused [CLS], the two
@@ -35,14 +39,19 @@ from mmprune.training import cosine
 from mmprune.zoo.build import build
 
 RESULTS = Path(__file__).parent / "results" / "nlvr_layouts.json"
-KINDS = ("both", "total", "has", "more")
+KINDS = ("both", "side_has", "more_color", "more")
+#: the statement set rows were measured on: "shapes" (kinds both / has / total / more, before
+#: 2026-11-23) or "colours" (language.statement now)
+STATEMENTS = "colours"
 
 
 def kind(statement: str) -> str:
-    for k in ("more", "both", "total"):
-        if k in statement:
-            return k
-    return "has"        # "the left / right image shows a <colour> <shape>."
+    """The statement's kind (language.statement): both, side_has, more_color or more."""
+    if statement.startswith("both"):
+        return "both"
+    if "more objects" in statement:
+        return "more"
+    return "more_color" if "more" in statement else "side_has"
 
 
 def scored(hits: np.ndarray, statements: list[str]) -> dict:
@@ -51,9 +60,21 @@ def scored(hits: np.ndarray, statements: list[str]) -> dict:
             **{k: round(float(100 * hits[kinds == k].mean()), 1) for k in KINDS if (kinds == k).any()}}
 
 
-def halves(px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    w = px.shape[-1] // 2
-    return px[..., :w], px[..., w:]
+def halves(ad, b) -> tuple[tuple, tuple]:
+    """Each image's ViT states (the adapter's batches hold the pair as [B, 2, C, H, W])."""
+    return ad._vision(b["pixel_values"][:, 0]), ad._vision(b["pixel_values"][:, 1])
+
+
+def stitched(ad, b) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViT states of the pair side by side, position embeddings interpolated to 8x16 patches."""
+    px = torch.cat([b["pixel_values"][:, 0], b["pixel_values"][:, 1]], dim=-1)
+    states = ad.model.vision_model(pixel_values=px, interpolate_pos_encoding=True).last_hidden_state
+    return states, torch.ones(states.shape[:2], dtype=torch.long)
+
+
+def plain(b) -> dict:
+    """The statement alone: the adapter's batches put a side word after [SOS] in each pass."""
+    return {k: torch.cat([b[k][:, 0, :1], b[k][:, 0, 2:]], 1) for k in ("input_ids", "attention_mask")}
 
 
 @torch.no_grad()
@@ -61,11 +82,11 @@ def features(ad: BlipRetrievalAdapter, ds) -> tuple[dict[str, torch.Tensor], tor
     out: dict[str, list] = {"text": [], "stitched": [], "sides": [], "vision": []}
     labels = []
     for b in iterate_batches(ad, ds, 100):
-        left, right = (ad._vision(h) for h in halves(b["pixel_values"]))
-        text = ad._text_cls(b)
+        left, right = halves(ad, b)
+        text = ad._text_cls(plain(b))
         out["text"].append(text)
-        out["stitched"].append(ad._text_cls(b, ad._vision(b["pixel_values"])))
-        out["sides"].append(torch.cat([ad._text_cls(b, left), ad._text_cls(b, right)], -1))
+        out["stitched"].append(ad._text_cls(plain(b), stitched(ad, b)))
+        out["sides"].append(torch.cat([ad._text_cls(plain(b), left), ad._text_cls(plain(b), right)], -1))
         out["vision"].append(torch.cat([left[0][:, 0], left[0][:, 1:].mean(1), right[0][:, 0],
                                         right[0][:, 1:].mean(1), text], -1))
         labels.append(b["labels"])
@@ -96,7 +117,7 @@ def probe(ad, data) -> list[dict]:
     rows = []
     for name in tr:
         hits = (mlp_probe(tr[name], ytr, va[name]) == yva).numpy()
-        rows.append({"experiment": "probe", "features": name,
+        rows.append({"experiment": "probe", "statements": STATEMENTS, "features": name,
                      **scored(hits, data["validation"]["statement"])})
         print(rows[-1], flush=True)
     return rows
@@ -108,9 +129,12 @@ def finetune(ad, data, layout: str, steps: int, lr: float, batch_size: int, free
 
     def logits(b):
         if layout == "stitched":
-            return ad._itm(ad._vision(b["pixel_values"]), b["input_ids"], b["attention_mask"])
-        left, right = (ad._vision(h) for h in halves(b["pixel_values"]))
-        return head(torch.cat([ad._text_cls(b, left), ad._text_cls(b, right)], -1))
+            text = plain(b)
+            return ad._itm(stitched(ad, b), text["input_ids"], text["attention_mask"])
+        if layout == "paired":      # the zoo's layout: the adapter's own NLVR forward
+            return ad._pair_itm(b)
+        left, right = halves(ad, b)
+        return head(torch.cat([ad._text_cls(plain(b), left), ad._text_cls(plain(b), right)], -1))
 
     for n, p in model.named_parameters():
         p.requires_grad_(not (freeze and n.startswith("vision_model.")))
@@ -135,7 +159,7 @@ def finetune(ad, data, layout: str, steps: int, lr: float, batch_size: int, free
                     hits = np.array([h for v in iterate_batches(ad, data["validation"], 100)
                                      for h in (logits(v).argmax(-1) == v["labels"]).tolist()])
                 model.train()
-                rows.append({"experiment": "finetune", "layout": layout, "lr": lr,
+                rows.append({"experiment": "finetune", "statements": STATEMENTS, "layout": layout, "lr": lr,
                              "batch_size": batch_size, "freeze_vision": freeze, "step": len(losses),
                              "loss_last_100": round(float(np.mean(losses[-100:])), 3),
                              "seconds": round(time.perf_counter() - t0, 1),
@@ -150,7 +174,7 @@ def finetune(ad, data, layout: str, steps: int, lr: float, batch_size: int, free
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experiment", choices=["probe", "finetune"])
-    ap.add_argument("layout", nargs="?", choices=["stitched", "sides"], default="stitched")
+    ap.add_argument("layout", nargs="?", choices=["stitched", "sides", "paired"], default="stitched")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=48)

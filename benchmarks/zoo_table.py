@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/zoo_table.py [NAME ...]     # builds missing models first
 
 FLOPs per example are counted by torch's FlopCounterMode over the adapter's inference forward
-(what latency times: both towers for CLIP, vision + ITM for BLIP retrieval / NLVR, greedy
+(what latency times: both towers for CLIP, vision + ITM for BLIP retrieval (twice for NLVR), greedy
 answer generation for BLIP VQA and LLaVA) on a batch of 32 test examples. Writes
 benchmarks/results/zoo.json and prints the markdown table.
 """

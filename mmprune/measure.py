@@ -34,7 +34,8 @@ def flops_stats(ctx: Context, token_counts: list[dict[str, torch.Tensor]]) -> di
 def group_token_counts(ctx: Context, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Tokens per example [B] at every unit group for `batch`.
 
-    Without token pruning every block of a tower sees the tower's input tokens. With a token
+    Without token pruning every block of a tower sees the tower's input tokens. A tower the
+    adapter runs P times per example has counts [B, P] (see `graph.cost`). With a token
     runtime installed, the inference forward (a generating model's prefill) is run and each
     block's real counts are read.
     """
@@ -48,7 +49,10 @@ def group_token_counts(ctx: Context, batch: dict[str, torch.Tensor]) -> dict[str
     if runtime is not None and runtime.active:
         with torch.inference_mode():
             ctx.adapter.prefill(batch)
-        counts.update(runtime.counts())
+        b = len(next(iter(per_tower.values())))
+        # a tower run P times per example saw its passes one after another ([P·B] rows)
+        counts.update({gid: c.reshape(-1, b).T if c.numel() > b else c
+                       for gid, c in runtime.counts().items()})
     return counts
 
 

@@ -31,6 +31,7 @@ from mmprune.data.batching import collate_rows
 from mmprune.errors import MMPruneError
 from mmprune.eval_mode import eval_mode
 from mmprune.graph import remove_units
+from mmprune.graph.cost import over_passes
 from mmprune.graph.units import HeadGroup, UnitGroup
 from mmprune.measure import group_token_counts, headline
 from mmprune.runtime.runtime import TokenRuntime
@@ -176,7 +177,7 @@ class CompSearch:
     def _unit_flops(self, group: UnitGroup, counts: dict[str, torch.Tensor]) -> float:
         n = counts.get(group.id)
         tokens = {**self.graph.cost.tokens, group.tower: n if n is not None else self.graph.cost.tokens[group.tower]}
-        return float(torch.as_tensor(self.graph.cost.group_flops(group, 1, tokens)).mean())
+        return float(torch.as_tensor(over_passes(self.graph.cost.group_flops(group, 1, tokens))).mean())
 
     def plan_params(self, mode: str, quantum: float, counts: dict[str, torch.Tensor], f_now: float,
                     f0: float) -> StagePlan:

@@ -7,6 +7,10 @@ of size d: 8·N·D·H·d + 4·N²·H·d (grouped-query, with H_kv key / value he
 4·N_q·D·H·d + 4·N_kv·D_kv·H·d + 4·N_q·N_kv·H·d; per MLP with m kept channels: 4·N·D·m (SwiGLU: 6·N·D·m). Norms,
 softmax and activations are not counted. Cross-attention towers read their key count from the
 token entry '<tower>_kv'.
+
+A tower can run more than once per example (BLIP's NLVR model reads each image of a pair in a pass
+of its own): its token counts are then [B, P], one column per pass, and an example's FLOPs are the
+sum over its passes, since the quadratic attention terms are per pass.
 """
 from __future__ import annotations
 
@@ -44,6 +48,16 @@ def cross_attention_flops(queries, keys, hidden: int, kv_hidden: int, heads: int
 
 def mlp_flops(tokens: float, hidden: int, channels: int, n_in: int = 1) -> float:
     return 2 * (n_in + 1) * tokens * hidden * channels
+
+
+def over_passes(flops):
+    """FLOPs per example from FLOPs per pass: [B, P] (one column per pass) sums to [B]."""
+    return flops.sum(-1) if isinstance(flops, torch.Tensor) and flops.dim() == 2 else flops
+
+
+def passes(counts: Mapping[str, torch.Tensor]) -> int:
+    """How many passes per example the counts describe (1 unless they are [B, P])."""
+    return max((c.shape[1] for c in counts.values() if c.dim() == 2), default=1)
 
 
 @dataclass
@@ -94,8 +108,10 @@ class CostModel:
         example, so the mean of this is not the FLOPs at the mean token count.
         """
         b = len(next(iter(counts.values()))) if counts else 1
-        total = torch.full((b,), float(sum(t.extra_flops for name, t in self.towers.items()
-                                           if tower in (None, name))), dtype=torch.float64)
+        total = torch.zeros(b, dtype=torch.float64)
+        for name, t in self.towers.items():
+            if tower in (None, name):   # the patch embedding runs in every pass of its tower
+                total += t.extra_flops * self._passes(counts, name)
         for gid, g in self.groups.items():
             if tower not in (None, g.tower):
                 continue
@@ -103,9 +119,13 @@ class CostModel:
             tokens = {**self.tokens, g.tower: n if n is not None else self.tokens[g.tower]}
             if kv is not None:
                 tokens[f"{g.tower}_kv"] = kv
-            total = total + self.group_flops(g, None if sizes is None else sizes.get(gid, g.size),
-                                             tokens)
+            total = total + over_passes(self.group_flops(
+                g, None if sizes is None else sizes.get(gid, g.size), tokens))
         return total
+
+    def _passes(self, counts: Mapping[str, torch.Tensor], tower: str) -> int:
+        return passes({gid: c for gid, c in counts.items()
+                       if gid.split(":")[0] in self.groups and self.groups[gid.split(":")[0]].tower == tower})
 
     def unit_param_cost(self, group: UnitGroup) -> float:
         """Parameters one unit of `group` stands for: the group's parameters per kept unit, so a

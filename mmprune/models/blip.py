@@ -2,10 +2,13 @@
 
 BLIP's text encoder is BERT-style with a cross-attention block in every layer: without image
 states it is the unimodal text encoder of the contrastive (ITC) head; with them it is the
-multimodal encoder of the image-text matching (ITM) head. NLVR uses the retrieval model unchanged:
-the two images are stitched side by side (position embeddings interpolated to the wider grid)
-and the ITM head's two logits read as false / true for the statement, so a zoo model loads with
-`BlipForImageTextRetrieval.from_pretrained` like any checkpoint.
+multimodal encoder of the image-text matching (ITM) head. NLVR uses the retrieval model unchanged,
+so a zoo model loads with `BlipForImageTextRetrieval.from_pretrained` like any checkpoint: each
+image of the pair goes through the ViT and one fused pass of its own (as in BLIP's NLVR model,
+which has a cross-attention per image), the statement read behind a word naming the side that
+pass sees ("left" / "right"), and the ITM head's two logits on the mean of the two fused [CLS]
+states read as false / true. Without the side word a pass cannot know which image it sees, and a
+statement about one side cannot be learnt (benchmarks/nlvr_layouts.py).
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ TINY_CONFIG = dict(
 ITC_TEMPERATURE = 0.07
 #: ITC candidates re-ranked by the ITM head at evaluation, as in BLIP's retrieval protocol
 RERANK_K = 8
+#: NLVR: the word each fused pass reads before the statement, in pass order
+NLVR_SIDES = ("left", "right")
 
 
 def _cross_attention_mask(module, args, kwargs):
@@ -99,10 +104,7 @@ class _BlipBase(Adapter):
         pruning handed on a batch padded to its longest example)."""
         from mmprune.runtime.runtime import runtime_of
 
-        size = self.model.config.vision_config.image_size
-        wide = pixel_values.shape[-1] != size or pixel_values.shape[-2] != size
-        states = self.model.vision_model(pixel_values=pixel_values,
-                                         interpolate_pos_encoding=wide).last_hidden_state
+        states = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
         rt = runtime_of(self.model)
         valid = None if rt is None or "vision" not in rt.towers else rt.towers["vision"].last_valid
         if valid is None or valid.shape != states.shape[:2]:
@@ -144,11 +146,13 @@ class _BlipBase(Adapter):
                                  cross_tower="cross")]
 
     def tokens_per_example(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tokens per example [B], or [B, P] for a model that runs its towers once per image of
+        a P-image example (NLVR)."""
         patch = self.model.config.vision_config.patch_size
-        h, w = batch["pixel_values"].shape[-2:]
-        b = batch["pixel_values"].shape[0]
-        vision = torch.full((b,), (h // patch) * (w // patch) + 1, dtype=torch.float64)
-        language = batch["attention_mask"].sum(1).double()
+        px = batch["pixel_values"]
+        h, w = px.shape[-2:]
+        vision = torch.full(px.shape[:-3], (h // patch) * (w // patch) + 1, dtype=torch.float64)
+        language = batch["attention_mask"].sum(-1).double()
         return {"vision": vision, "language": language, "cross": language, "cross_kv": vision}
 
     def example_inputs(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
@@ -178,11 +182,12 @@ class BlipRetrievalAdapter(_BlipBase):
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         inputs.require_processors(self)
         first = examples[0]
-        if "statement" in first:  # NLVR: the pair stitched side by side
-            left = inputs.pixels(self, [e["image_left"] for e in examples])
-            right = inputs.pixels(self, [e["image_right"] for e in examples])
-            return {**inputs.text(self, [e["statement"] for e in examples], self._max_len()),
-                    "pixel_values": torch.cat([left, right], dim=-1),
+        if "statement" in first:  # NLVR: [B, 2, ...], one entry per side
+            pixels = [inputs.pixels(self, [e[f"image_{side}"] for e in examples]) for side in NLVR_SIDES]
+            text = inputs.text(self, [f"{side} {e['statement']}" for e in examples for side in NLVR_SIDES],
+                               self._max_len())
+            return {**{k: v.view(len(examples), len(NLVR_SIDES), -1) for k, v in text.items()},
+                    "pixel_values": torch.stack(pixels, dim=1),
                     "labels": torch.tensor([int(e["label"]) for e in examples])}
         if "caption" in first:
             return {**inputs.text(self, [e["caption"] for e in examples], self._max_len()),
@@ -213,15 +218,24 @@ class BlipRetrievalAdapter(_BlipBase):
         cls = self._text_cls({"input_ids": ids, "attention_mask": mask}, image)
         return self.model.itm_head(cls)
 
+    def _pair_itm(self, batch) -> torch.Tensor:
+        """NLVR: the ITM logits [B, 2] on the mean fused [CLS] of the pair's passes, which run as
+        one batch of [P·B] rows, pass after pass."""
+        px, ids, mask = (batch[k].transpose(0, 1).flatten(0, 1)
+                         for k in ("pixel_values", "input_ids", "attention_mask"))
+        cls = self._text_cls({"input_ids": ids, "attention_mask": mask}, self._vision(px))
+        return self.model.itm_head(cls.view(batch["pixel_values"].shape[1], -1, cls.shape[-1]).mean(0))
+
     def forward(self, batch):
+        if batch["pixel_values"].dim() == 5:
+            return self._pair_itm(batch)
         return self._itm(self._vision(batch["pixel_values"]), batch["input_ids"], batch["attention_mask"])
 
     # ---- task
     def task_loss(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-        image = self._vision(batch["pixel_values"])
         if "labels" in batch:
-            logits = self._itm(image, batch["input_ids"], batch["attention_mask"])
-            return F.cross_entropy(logits, batch["labels"])
+            return F.cross_entropy(self._pair_itm(batch), batch["labels"])
+        image = self._vision(batch["pixel_values"])
         img, txt = self._itc(image, batch)
         sim = img @ txt.T / ITC_TEMPERATURE
         target = torch.arange(sim.shape[0])
@@ -231,10 +245,9 @@ class BlipRetrievalAdapter(_BlipBase):
     def distill_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """NLVR: the ITM head's false / true logits; retrieval: each image's ITC logits over the
         batch's captions."""
-        image = self._vision(batch["pixel_values"])
         if "labels" in batch:
-            return self._itm(image, batch["input_ids"], batch["attention_mask"])
-        img, txt = self._itc(image, batch)
+            return self._pair_itm(batch)
+        img, txt = self._itc(self._vision(batch["pixel_values"]), batch)
         return img @ txt.T / ITC_TEMPERATURE
 
     def _itm_loss(self, image, batch, sim: torch.Tensor) -> torch.Tensor:

@@ -76,11 +76,12 @@ CATALOG: dict[str, ZooEntry] = {e.name: e for e in [
                          "MiniVL retrieval, evaluated by ITC then ITM re-ranking of the top 8",
              init_from="clip-minivl", init_convert="clip_vision_to_blip",
              init_map={"vision_model.": "vision_model.", "vision_proj.": "vision_proj."}),
-    ZooEntry("blip-minivl-nlvr", "blip", "nlvr", _blip_config(128, 4, 4), steps=300,
+    ZooEntry("blip-minivl-nlvr", "blip", "nlvr", _blip_config(128, 4, 4), steps=600,
              batch_size=48, lr=5e-4,
-             description="BlipForImageTextRetrieval on MiniVL nlvr, fine-tuned from blip-minivl: the "
-                         "image pair stitched side by side (129 vision tokens), the ITM head as the "
-                         "true / false classifier",
+             description="BlipForImageTextRetrieval on MiniVL nlvr, fine-tuned from blip-minivl: "
+                         "each image in a ViT pass and a fused pass of its own (65 vision tokens "
+                         "each), the statement read behind its side's name, the ITM head on the "
+                         "mean fused [CLS] as the true / false classifier",
              init_from="blip-minivl", init_map=_BLIP_ALL),
     ZooEntry("blip-minivl-vqa", "blip-vqa", "vqa", _blip_config(128, 4, 4), steps=400,
              batch_size=48, lr=5e-4,

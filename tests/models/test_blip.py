@@ -26,12 +26,23 @@ def data(task):
     return load_task(MiniVLParams(task=task, **SIZES))
 
 
-def test_nlvr_pair_is_stitched_and_classified_by_the_itm_head():
+def test_nlvr_reads_each_image_in_a_pass_that_names_its_side():
     a = make(BlipRetrievalAdapter)
-    batch = collate_rows(a, data("nlvr")["train"], list(range(4)))
-    assert batch["pixel_values"].shape[-2:] == (64, 128)
-    assert a.tokens_per_example(batch)["vision"].tolist() == [129.0] * 4  # 8x16 patches + CLS
-    assert a.forward(batch).shape == (4, 2)
+    rows = data("nlvr")["train"]
+    batch = collate_rows(a, rows, list(range(4)))
+    assert batch["pixel_values"].shape == (4, 2, 3, 64, 64)
+    assert batch["input_ids"].shape[:2] == (4, 2)
+    left, right = a.tokenizer.convert_tokens_to_ids(["left", "right"])
+    assert batch["input_ids"][:, 0, 1].tolist() == [left] * 4     # after [SOS], the side word
+    assert batch["input_ids"][:, 1, 1].tolist() == [right] * 4
+    assert (batch["input_ids"][:, 0, 2:] == batch["input_ids"][:, 1, 2:]).all()  # one statement
+    assert a.tokens_per_example(batch)["vision"].tolist() == [[65.0, 65.0]] * 4  # 8x8 patches + CLS
+    with torch.no_grad():
+        logits = a.forward(batch)
+        # by hand: each side alone through the ViT and a fused pass, the ITM head on the mean
+        cls = [a._text_cls({"input_ids": batch["input_ids"][:, s], "attention_mask": batch["attention_mask"][:, s]},
+                           a._vision(batch["pixel_values"][:, s])) for s in (0, 1)]
+        assert torch.allclose(logits, a.model.itm_head((cls[0] + cls[1]) / 2), atol=1e-5)
     loss = a.task_loss(batch, "nlvr")
     loss.backward()
     assert torch.isfinite(loss) and a.model.itm_head.weight.grad.abs().sum() > 0

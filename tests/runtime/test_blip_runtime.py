@@ -1,5 +1,6 @@
 """The token-pruning runtime on BLIP: fused-qkv ViT, post-norm text encoder with cross-attention."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmprune.comp.cim import CIPStatistics
 from mmprune.graph import trace
+from mmprune.measure import group_token_counts
 from mmprune.models.blip import BlipRetrievalAdapter
 from mmprune.runtime import SiteControl
 from mmprune.runtime.runtime import TokenRuntime
@@ -69,6 +71,35 @@ def test_batch_invariance_and_flops_with_tokens_dropped():
         assert {g: float(v[0]) for g, v in c.items()} == {g: float(v[i]) for g, v in counts.items()}
         if i != 1:   # the padded example computes its padding at batch 1; counts exclude it
             assert float(graph.cost.flops_per_example(c)[0]) == pytest.approx(fc.get_total_flops(), rel=0.02)
+
+
+@torch.no_grad()
+def test_nlvr_pair_counts_and_flops_are_per_pass_with_tokens_dropped():
+    """NLVR runs each tower once per image: counts are [B, 2] and an example's analytic FLOPs
+    (summed over its passes, quadratic terms per pass) match what it really computes."""
+    adapter, graph = _blip()
+    left, right = _batch(adapter, 3), adapter.example_inputs(3)
+    batch = {k: torch.stack([left[k], right[k].flip(-1) if k == "pixel_values" else right[k]], 1)
+             for k in ("pixel_values", "input_ids", "attention_mask")}
+    batch["labels"] = torch.zeros(3, dtype=torch.long)
+    rt = TokenRuntime.attach(graph)
+    rt.set_sites("vision", SiteControl(theta=1.0))
+    rt.set_sites("language", SiteControl(theta=1.0))
+    ctx = SimpleNamespace(adapter=adapter, graph=graph, model=adapter.model)
+    counts = group_token_counts(ctx, batch)
+    assert counts["vision.1.attn"].shape == (3, 2) and counts["cross.1.attn:kv"].shape == (3, 2)
+    assert not torch.equal(counts["vision.1.attn"][:, 0], counts["vision.1.attn"][:, 1])
+    out, per_example = adapter.forward(batch), graph.cost.flops_per_example(counts)
+    for i in (0, 2):   # example 1's left text is padded
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        assert (adapter.forward(one) - out[i:i + 1]).abs().max() < 1e-5
+        # counted pass by pass: run together, the two passes pad to the longer one's tokens
+        flops = 0
+        for side in (0, 1):
+            with FlopCounterMode(display=False) as fc:
+                adapter.forward({k: one[k][:, side] for k in ("pixel_values", "input_ids", "attention_mask")})
+            flops += fc.get_total_flops()
+        assert float(per_example[i]) == pytest.approx(flops, rel=0.02)
 
 
 def test_cross_heads_get_importance_statistics():

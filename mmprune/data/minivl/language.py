@@ -101,27 +101,32 @@ def question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
 
 
 def statement(left: Scene, right: Scene, rng: np.random.Generator) -> tuple[str, bool]:
-    """An NLVR-style statement about an image pair and whether it is true."""
-    kind = rng.choice(["more", "both", "total", "left_has", "right_has"])
+    """An NLVR-style statement about an image pair and whether it is true.
+
+    Three of the four kinds name a side, so a model has to read each image as the left or the
+    right one. Statements are about colours and object counts, not shapes: the zoo's ViT tells
+    colours apart but recognises a lone object's shape only 41% of the time (5 shapes), and with
+    shape statements ("the left image shows a red circle") the NLVR model stayed at chance on
+    every one of them (benchmarks/nlvr_layouts.py).
+    """
+    kind = rng.choice(["both", "side_has", "more_color", "more"])
+    colors = list(COLORS)
+    side = "left" if rng.random() < 0.5 else "right"
+    scene, other = (left, right) if side == "left" else (right, left)
+    other_side = "right" if side == "left" else "left"
     if kind == "more":
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        a = sum(o.shape == shape for o in left.objects)
-        b = sum(o.shape == shape for o in right.objects)
-        return f"the left image has more {shape}s than the right image.", a > b
+        return f"the {side} image has more objects than the {other_side} image.", \
+            len(scene.objects) > len(other.objects)
+    # half the time a colour the image does show, so true and false come up about equally
+    seen = [o.color for o in scene.objects]
+    color = seen[rng.integers(len(seen))] if rng.random() < 0.5 else colors[rng.integers(len(colors))]
+    n = sum(o.color == color for o in scene.objects)
+    m = sum(o.color == color for o in other.objects)
     if kind == "both":
-        color = list(COLORS)[rng.integers(len(COLORS))]
-        truth = any(o.color == color for o in left.objects) and any(o.color == color for o in right.objects)
-        return f"both images contain a {color} object.", truth
-    if kind == "total":
-        n = int(rng.integers(2, 8))
-        return f"there are exactly {NUMBERS[n] if n < 5 else str(n)} objects in total.", \
-            len(left.objects) + len(right.objects) == n
-    scene = left if kind == "left_has" else right
-    side = "left" if kind == "left_has" else "right"
-    o = scene.objects[rng.integers(len(scene.objects))]
-    shape = o.shape if rng.random() < 0.5 else SHAPES[rng.integers(len(SHAPES))]
-    truth = any(x.shape == shape and x.color == o.color for x in scene.objects)
-    return f"the {side} image shows a {o.color} {shape}.", truth
+        return f"both images contain a {color} object.", n > 0 and m > 0
+    if kind == "side_has":
+        return f"the {side} image shows a {color} object.", n > 0
+    return f"the {side} image has more {color} objects than the {other_side} image.", n > m
 
 
 def instruction(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:

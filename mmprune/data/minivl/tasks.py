@@ -91,9 +91,9 @@ def _vqa(size: int):
 
 
 def _nlvr(size: int):
-    # Labels are balanced per statement text: "exactly seven objects in total" is almost always
-    # false and "the left image shows a red circle" mostly true, so with global balancing alone
-    # a model that never looked at the images scored 74%.
+    # Labels are balanced per statement text: "the left image has more red objects than the right
+    # image" is mostly false and "the left image shows a red object" mostly true, so with global
+    # balancing alone a model that never looked at the images would score well above chance.
     seen: dict[str, list[int]] = {}
 
     def make(rng):
