@@ -66,6 +66,9 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         "comp_plan": (comp, ["passes.0.comp.cost_at=plan"]),
         # every mode's plan priced before the choice; dear plans refused
         "comp_lookahead": (comp, ["passes.0.comp.cost_at=lookahead"]),
+        # lookahead prices corrected by each mode's recent gap to its stage-end costs
+        "comp_calibrated": (comp, ["passes.0.comp.cost_at=lookahead",
+                                   "passes.0.comp.lookahead_calibration=true"]),
         # stage-end pricing as the spec's, with plans far dearer than the cheapest refused
         "comp_refuse": (comp, ["passes.0.comp.refuse_dear_plans=true",
                                "passes.0.comp.lookahead_margin=20"]),

@@ -124,6 +124,8 @@ class CompSearch:
         self.v_sub = self._fixed_batches(p.val_split, p.v_sub, ctx.seed + 1)
         self.probe = self._fixed_batches(p.train_split, p.probe_set, ctx.seed + 2)
         self.trajectory: list[dict] = []
+        #: lookahead_calibration: per mode, stage-end cost minus plan price of its past stages
+        self.gaps: dict[str, list[float]] = {}
         self.scores: dict[str, torch.Tensor] = {}
         self._p0 = self.graph.cost.params({gid: g.total for gid, g in self.graph.groups.items()})
 
@@ -382,14 +384,29 @@ class CompSearch:
             prices[mode] = self.scheduler.price(q_cur, q, f_cur, f, planned=plan.removes)
         if not prices:
             return None
+        plan_prices = dict(prices)
+        if self.p.lookahead_calibration:
+            prices = {m: r + self._gap(m) for m, r in prices.items()}
         best = min(prices.values())
         allowed = {m: r for m, r in prices.items() if (r - best) * quantum <= self.p.lookahead_margin}
-        by_price = self.p.cost_at == "lookahead"
-        mode, why = (self.scheduler.choose(allowed) if by_price
-                     else self.scheduler.choose(among=set(allowed)))
+        unseen = [m for m in allowed if m not in self.gaps]
+        if self.p.lookahead_calibration and unseen:   # a gap is learnt from a stage of the mode's own
+            mode, why = self.scheduler.choose(among={unseen[0]})
+        elif self.p.cost_at == "lookahead":
+            mode, why = self.scheduler.choose(allowed)
+        else:
+            mode, why = self.scheduler.choose(among=set(allowed))
         looked = {"lookahead": prices, "refused": sorted(set(prices) - set(allowed))}
-        priced = damage[mode] if self.p.cost_at != "stage_end" else None
+        if self.p.lookahead_calibration:
+            looked["plan_prices"] = plan_prices
+        # calibrated: the stage is recorded at its end (Eq. 3), which its price predicts
+        priced = damage[mode] if self.p.cost_at != "stage_end" and not self.p.lookahead_calibration else None
         return mode, why, plans[mode], priced, looked
+
+    def _gap(self, mode: str) -> float:
+        """The mean of `mode`'s last three gaps (0 before its first stage)."""
+        recent = self.gaps.get(mode, [])[-3:]
+        return sum(recent) / len(recent) if recent else 0.0
 
     def run(self, trainer_factory: Callable[[int], Trainer]) -> dict[str, Any]:
         p, ctx = self.p, self.ctx
@@ -441,6 +458,8 @@ class CompSearch:
             r = self.scheduler.record(mode, q_cur, q_priced, f_cur, f_priced, why=why,
                                       planned=plan.removes,
                                       theta=self._thetas())
+            if "plan_prices" in looked:
+                self.gaps.setdefault(mode, []).append(r - looked["plan_prices"][mode])
             self.trajectory.append({"stage": self.scheduler.stage, "mode": mode, "why": why,
                                     "quality": q_new, "flops": f_new, "r": r,
                                     **({"priced_quality": q_priced, "priced_flops": f_priced}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mmprune.comp.mps import CANONICAL
 from mmprune.comp.plots import plot_trajectory
@@ -100,6 +100,13 @@ class CompParams(PassParams):
                                     "quantum beyond the cheapest plan is refused, by exploration "
                                     "too. One head removed from a token-pruned text tower can "
                                     "cost more than every other mode's stage together.")
+    lookahead_calibration: bool = Field(
+        False, description="With cost_at 'lookahead': each plan's price is corrected by its "
+        "mode's mean gap between the stage-end cost (Eq. 3, after the K training steps) and the "
+        "plan's price over the mode's last three stages, and the history holds stage-end costs. "
+        "A plan's damage before training overstates some modes' real cost many times "
+        "(parameters recover during the stage, dropped tokens do not), so uncorrected prices "
+        "pick tokens almost only. Each mode not refused runs one stage first.")
     v_sub: int = Field(1000, ge=8, description="Validation examples that price each stage.")
     probe_set: int = Field(256, ge=8, description="Training examples that size each stage's quantum.")
     flops_scope: Literal["model", "decoder"] = Field("model", description="What `target` and "
@@ -110,6 +117,13 @@ class CompParams(PassParams):
     tol: float = Field(0.005, ge=0.0, description="Stop within this share of the dense FLOPs of the target.")
     train_split: FitSplit = Field("train", description="Split trained on.")
     val_split: FitSplit = Field("validation", description="Split that prices stages (never test).")
+
+    @model_validator(mode="after")
+    def _calibration_needs_lookahead(self):
+        if self.lookahead_calibration and self.cost_at != "lookahead":
+            raise ValueError(f"lookahead_calibration corrects lookahead prices: it needs cost_at "
+                             f"'lookahead', not '{self.cost_at}'")
+        return self
 
     @field_validator("min_token_frac")
     @classmethod

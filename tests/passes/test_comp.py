@@ -128,6 +128,33 @@ def test_a_bad_token_floor_is_a_clear_error(write_recipe, registry, tmp_path, fl
         _run(write_recipe, registry, tmp_path / "run", {"min_token_frac": floor})
 
 
+def test_calibrated_lookahead_adds_each_modes_recent_gap_to_its_plan_price(write_recipe, registry,
+                                                                          tmp_path):
+    report = _run(write_recipe, registry, tmp_path / "run",
+                  {"target": 0.3, "cost_at": "lookahead", "lookahead_calibration": True,
+                   "cost_metric": "val_loss", "rho": 0.0, "lookahead_margin": 1e9})
+    state = report["state"]["comp"][0]
+    stages = state["trajectory"][1:]
+    assert state["final_flops"] <= state["target"] + 0.005 + 1e-9
+    gaps: dict[str, list[float]] = {}
+    for t in stages:
+        for mode, price in t["lookahead"].items():
+            recent = gaps.get(mode, [])[-3:]
+            assert price == pytest.approx(t["plan_prices"][mode] + (sum(recent) / len(recent) if recent else 0.0))
+        if t["mode"] not in gaps:       # a mode's first stage is its warm-up, whatever its price
+            assert t["why"] == "warm-up"
+        else:                           # then ρ = 0: the cheapest calibrated price
+            assert t["mode"] == min(t["lookahead"], key=t["lookahead"].get)
+        gaps.setdefault(t["mode"], []).append(t["r"] - t["plan_prices"][t["mode"]])
+    assert len(gaps) >= 3 and any(g != pytest.approx(0.0) for v in gaps.values() for g in v)
+
+
+def test_calibration_without_lookahead_is_a_clear_error(write_recipe, registry, tmp_path):
+    from mmprune.errors import MMPruneError
+    with pytest.raises(MMPruneError, match="needs cost_at 'lookahead', not 'stage_end'"):
+        _run(write_recipe, registry, tmp_path / "run", {"lookahead_calibration": True})
+
+
 def test_a_mode_is_retired_before_a_stage_under_its_share_of_a_quantum(write_recipe, registry,
                                                                         tmp_path):
     def small(report):
