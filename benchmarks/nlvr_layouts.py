@@ -83,10 +83,11 @@ def features(ad: BlipRetrievalAdapter, ds) -> tuple[dict[str, torch.Tensor], tor
     labels = []
     for b in iterate_batches(ad, ds, 100):
         left, right = halves(ad, b)
-        text = ad._text_cls(plain(b))
+        statement = plain(b)
+        text = ad._text_cls(statement)
         out["text"].append(text)
-        out["stitched"].append(ad._text_cls(plain(b), stitched(ad, b)))
-        out["sides"].append(torch.cat([ad._text_cls(plain(b), left), ad._text_cls(plain(b), right)], -1))
+        out["stitched"].append(ad._text_cls(statement, stitched(ad, b)))
+        out["sides"].append(torch.cat([ad._text_cls(statement, left), ad._text_cls(statement, right)], -1))
         out["vision"].append(torch.cat([left[0][:, 0], left[0][:, 1:].mean(1), right[0][:, 0],
                                         right[0][:, 1:].mean(1), text], -1))
         labels.append(b["labels"])
@@ -134,7 +135,8 @@ def finetune(ad, data, layout: str, steps: int, lr: float, batch_size: int, free
         if layout == "paired":      # the zoo's layout: the adapter's own NLVR forward
             return ad._pair_itm(b)
         left, right = halves(ad, b)
-        return head(torch.cat([ad._text_cls(plain(b), left), ad._text_cls(plain(b), right)], -1))
+        statement = plain(b)
+        return head(torch.cat([ad._text_cls(statement, left), ad._text_cls(statement, right)], -1))
 
     for n, p in model.named_parameters():
         p.requires_grad_(not (freeze and n.startswith("vision_model.")))

@@ -124,8 +124,6 @@ class CompSearch:
         self.v_sub = self._fixed_batches(p.val_split, p.v_sub, ctx.seed + 1)
         self.probe = self._fixed_batches(p.train_split, p.probe_set, ctx.seed + 2)
         self.trajectory: list[dict] = []
-        #: lookahead_calibration: per mode, stage-end cost minus plan price of its past stages
-        self.gaps: dict[str, list[float]] = {}
         self.scores: dict[str, torch.Tensor] = {}
         self._p0 = self.graph.cost.params({gid: g.total for gid, g in self.graph.groups.items()})
 
@@ -389,7 +387,7 @@ class CompSearch:
             prices = {m: r + self._gap(m) for m, r in prices.items()}
         best = min(prices.values())
         allowed = {m: r for m, r in prices.items() if (r - best) * quantum <= self.p.lookahead_margin}
-        unseen = [m for m in allowed if m not in self.gaps]
+        unseen = [m for m in allowed if not self._gaps(m)]
         if self.p.lookahead_calibration and unseen:   # a gap is learnt from a stage of the mode's own
             mode, why = self.scheduler.choose(among={unseen[0]})
         elif self.p.cost_at == "lookahead":
@@ -403,9 +401,14 @@ class CompSearch:
         priced = damage[mode] if self.p.cost_at != "stage_end" and not self.p.lookahead_calibration else None
         return mode, why, plans[mode], priced, looked
 
+    def _gaps(self, mode: str) -> list[float]:
+        """`mode`'s calibrated stages so far: stage-end cost minus plan price, oldest first."""
+        return [t["r"] - t["plan_prices"][mode] for t in self.trajectory
+                if t["mode"] == mode and "plan_prices" in t]
+
     def _gap(self, mode: str) -> float:
         """The mean of `mode`'s last three gaps (0 before its first stage)."""
-        recent = self.gaps.get(mode, [])[-3:]
+        recent = self._gaps(mode)[-3:]
         return sum(recent) / len(recent) if recent else 0.0
 
     def run(self, trainer_factory: Callable[[int], Trainer]) -> dict[str, Any]:
@@ -458,8 +461,6 @@ class CompSearch:
             r = self.scheduler.record(mode, q_cur, q_priced, f_cur, f_priced, why=why,
                                       planned=plan.removes,
                                       theta=self._thetas())
-            if "plan_prices" in looked:
-                self.gaps.setdefault(mode, []).append(r - looked["plan_prices"][mode])
             self.trajectory.append({"stage": self.scheduler.stage, "mode": mode, "why": why,
                                     "quality": q_new, "flops": f_new, "r": r,
                                     **({"priced_quality": q_priced, "priced_flops": f_priced}

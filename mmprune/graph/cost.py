@@ -55,11 +55,6 @@ def over_passes(flops):
     return flops.sum(-1) if isinstance(flops, torch.Tensor) and flops.dim() == 2 else flops
 
 
-def passes(counts: Mapping[str, torch.Tensor]) -> int:
-    """How many passes per example the counts describe (1 unless they are [B, P])."""
-    return max((c.shape[1] for c in counts.values() if c.dim() == 2), default=1)
-
-
 @dataclass
 class CostModel:
     groups: Mapping[str, UnitGroup]
@@ -124,8 +119,11 @@ class CostModel:
         return total
 
     def _passes(self, counts: Mapping[str, torch.Tensor], tower: str) -> int:
-        return passes({gid: c for gid, c in counts.items()
-                       if gid.split(":")[0] in self.groups and self.groups[gid.split(":")[0]].tower == tower})
+        """How many passes per example `tower` ran (1 unless its counts are [B, P]); a count's
+        key is a group id, or '<group id>:kv' for a cross-attention's keys."""
+        return max((c.shape[1] for key, c in counts.items()
+                    if c.dim() == 2 and getattr(self.groups.get(key.split(":")[0]), "tower", None) == tower),
+                   default=1)
 
     def unit_param_cost(self, group: UnitGroup) -> float:
         """Parameters one unit of `group` stands for: the group's parameters per kept unit, so a
