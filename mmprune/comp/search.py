@@ -67,6 +67,7 @@ class StagePlan:
     nominal: float = 0.0        # parameter plans: the units' own FLOPs at today's token counts
     cap: float = 1.0                                             # most a parameter stage may remove
     last: bool = False      # the mode cannot remove a whole quantum: this is its last stage
+    refit: dict[str, tuple[float, float]] = field(default_factory=dict)  # token mode: (θ old, new)
 
     @property
     def empty(self) -> bool:
@@ -226,43 +227,87 @@ class CompSearch:
             removed += unit[gid]
             removed_params += unit_params
         plan.last = removed < quantum and cap >= quantum and not param_capped
-        plan = self._fit_to_tokens(plan, cap, f_now, f0)
+        plan = self._fit_to_tokens(plan, cap, unit, counts, f_now, f0)
         plan.nominal = sum(unit[gid] for gid, _ in plan.order)
         return plan
 
-    def _fit_to_tokens(self, plan: StagePlan, cap: float, f_now: float, f0: float) -> StagePlan:
+    def _fit_to_tokens(self, plan: StagePlan, cap: float, unit: dict[str, float],
+                       counts: dict[str, torch.Tensor], f_now: float, f0: float) -> StagePlan:
         """Shorten a parameter plan whose units, once masked, make the token sites drop more
         tokens than before: the removal is measured on the probe set with the units at zero, and
-        the longest prefix of the ranked units that stays within the cap (+5%) is kept."""
-        def removal(n: int) -> float:
-            trial = StagePlan(plan.mode)
-            for gid, i in plan.order[:n]:
-                trial.units.setdefault(gid, []).append(i)
-            try:
-                self._apply(trial, 1.0)
-                f = self.measure_flops(self.probe, sizes=self._sizes_after(trial))[0]
-            finally:
-                self._apply(StagePlan(plan.mode), 0.0)     # back to the frozen units only
-            return (f_now - f) / f0
-
+        the longest prefix of the ranked units that stays within the cap (+5%) is kept. Where even
+        one unit overshoots, the token modes it made drop more get a lower θ (`refit_tokens`), but
+        never so low that the stage removes less than its units' own FLOPs."""
         n = len(plan.order)
-        r = removal(n) if n else 0.0
+        r = self._removal(plan, n, {}, f_now, f0)[0] if n else 0.0
         if n > 1 and r > 1.05 * cap:
             lo, hi, r_lo, r_hi = 0, n, 0.0, r      # removal(lo) ≤ 1.05·cap < removal(hi)
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                r_mid = removal(mid)
+                r_mid = self._removal(plan, mid, {}, f_now, f0)[0]
                 if r_mid <= 1.05 * cap:
                     lo, r_lo = mid, r_mid
                 else:
                     hi, r_hi = mid, r_mid
             n, r = (lo, r_lo) if lo else (1, r_hi)   # hi is 1 when even one unit overshoots
             plan.last = False
+        bound = max(cap, sum(unit[gid] for gid, _ in plan.order[:n]))
+        if n and r > 1.05 * bound and self.p.refit_tokens:
+            plan.refit, r = self._refit_thetas(plan, n, bound, r, counts, f_now, f0)
         for gid, i in plan.order[:n]:
             plan.units.setdefault(gid, []).append(i)
         plan.order = plan.order[:n]
         plan.planned_flops = r
         return plan
+
+    def _removal(self, plan: StagePlan, n: int, thetas: dict[str, float], f_now: float,
+                 f0: float) -> tuple[float, dict[str, torch.Tensor]]:
+        """Share of the dense FLOPs the probe set loses with `plan`'s first n units at zero and
+        the token modes at `thetas`, and the token counts behind it; everything is put back."""
+        trial = StagePlan(plan.mode)
+        for gid, i in plan.order[:n]:
+            trial.units.setdefault(gid, []).append(i)
+        before = {m: self.rt.mode_theta(m) for m in thetas}
+        try:
+            self._apply(trial, 1.0)
+            for m, theta in thetas.items():
+                self.rt.set_mode_theta(m, theta)
+            f, counts = self.measure_flops(self.probe, sizes=self._sizes_after(trial))
+        finally:
+            self._apply(StagePlan(plan.mode), 0.0)     # back to the frozen units only
+            for m, theta in before.items():
+                self.rt.set_mode_theta(m, theta)
+        return (f_now - f) / f0, counts
+
+    def _tower_tokens(self, counts: dict[str, torch.Tensor], tower: str) -> float:
+        return sum(float(c.float().sum()) for gid, c in counts.items()
+                   if ":" not in gid and self.graph.groups[gid].tower == tower)
+
+    def _refit_thetas(self, plan: StagePlan, n: int, cap: float, r: float,
+                      counts: dict[str, torch.Tensor], f_now: float,
+                      f0: float) -> tuple[dict[str, tuple[float, float]], float]:
+        """Lower θ of the token modes whose towers lose tokens when `plan`'s first n units are
+        masked, by one common factor, so the stage removes about its cap: without it, one head
+        that reshapes a token-pruned tower's attention can remove several quanta at once, and
+        MPS prices (and the model pays for) a cut far wider than planned."""
+        _, after = self._removal(plan, n, {}, f_now, f0)
+        old = {m: self.rt.mode_theta(m) for m, tower in self.token_modes.items()
+               if m in self.modes and self.rt.mode_theta(m) > 0
+               and self._tower_tokens(after, tower) < 0.99 * self._tower_tokens(counts, tower)}
+        lo, hi, best = 0.0, 1.0, None            # scale s: the removal falls with s
+        for _ in range(12 if old else 0):
+            mid = (lo + hi) / 2
+            r_mid, _ = self._removal(plan, n, {m: mid * t for m, t in old.items()}, f_now, f0)
+            if r_mid > 1.05 * cap:
+                hi = mid
+            else:
+                lo, best = mid, (mid, r_mid)
+                if r_mid >= 0.95 * cap:
+                    break
+        if best is None:    # nothing to refit, or even every token back leaves it over the cap
+            return {}, r
+        s, r_fit = best
+        return {m: (t, s * t) for m, t in old.items()}, r_fit
 
     def plan_tokens(self, mode: str, quantum: float, f_now: float, f0: float,
                     counts: dict[str, torch.Tensor]) -> StagePlan:
@@ -320,6 +365,8 @@ class CompSearch:
         if plan.theta is not None:
             old, new = plan.theta
             self.rt.set_mode_theta(plan.mode, old + (new - old) * frac)
+        for mode, (old, new) in plan.refit.items():
+            self.rt.set_mode_theta(mode, old + (new - old) * frac)
 
     def _plan_damage(self, plan: StagePlan, f0: float) -> tuple[float, float]:
         """Quality and FLOPs (fraction of dense) on the validation subset with `plan` applied in
@@ -472,6 +519,7 @@ class CompSearch:
                                     "last": plan.last,
                                     "theta": self._thetas(),
                                     "units": {gid: len(v) for gid, v in plan.units.items()},
+                                    **({"refit": plan.refit} if plan.refit else {}),
                                     "param_share": sum(self.graph.cost.unit_param_cost(self.graph.groups[gid]) * len(v)
                                                        for gid, v in plan.units.items()) / self._p0})
             self.log(f"comp stage {self.scheduler.stage}: {mode} ({why}) FLOPs {f_cur:.3f} → "

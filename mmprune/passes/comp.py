@@ -67,6 +67,12 @@ class CompParams(PassParams):
                                         "most, besides the FLOPs quantum (None: FLOPs only). Once a "
                                         "tower's tokens are mostly dropped its units cost little "
                                         "FLOPs each, and one FLOPs quantum could take most of them.")
+    refit_tokens: bool = Field(True, description="When even one parameter unit of a stage "
+                               "makes a token-pruned tower drop more tokens than the stage's "
+                               "quantum allows (a head removed reshapes the attention that scores "
+                               "tokens), lower the θ of that tower's token mode during the stage "
+                               "so the stage removes one quantum (off: the stage removes what the "
+                               "unit makes it remove, several quanta at times).")
     retire_below: float = Field(0.0, ge=0.0, lt=1.0, description="Retire a mode once its next "
                                 "stage would remove less than this share of a quantum (0: only "
                                 "when it can remove nothing). A tower whose tokens are mostly "
