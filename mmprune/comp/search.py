@@ -528,7 +528,8 @@ class CompSearch:
             bar.update(1)
         bar.close()
         self.freeze()
-        return {"dense_flops": f0, "target": target, "final_flops": f_cur, "final_quality": q_cur,
+        return {"dense_flops": f0, "flops_tower": self.scope, "target": target,
+                "final_flops": f_cur, "final_quality": q_cur,
                 "steps_per_stage": k, "warmup_steps": warmup, "modes": self.modes,
                 "thresholds": self._thetas(),
                 "trajectory": self.trajectory}

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import copy
+import math
 from itertools import islice
 
 from pydantic import Field
 
 from mmprune.context import Context
 from mmprune.errors import MMPruneError
-from mmprune.measure import headline, measure
+from mmprune.measure import flops_stats, group_token_counts, headline, measure
 from mmprune.passes.base import FitSplit, Pass, PassParams
+from mmprune.runtime.runtime import TokenRuntime, runtime_of
 from mmprune.training import Trainer, batch_stream
 
 
@@ -28,7 +30,13 @@ class FinetuneParams(PassParams):
                          "(else the last), among those within the FLOPs target.")
     max_flops: float | None = Field(None, gt=0.0, description="Largest mean validation FLOPs per "
                                     "example a selected step may have (default: the last comp "
-                                    "pass's target plus its tolerance).")
+                                    "pass's target plus its tolerance, of the decoder's FLOPs "
+                                    "where that pass had flops_scope 'decoder').")
+    refit_thresholds: bool = Field(True, description="Token thresholds are relative to each "
+                                   "example's attention, so training moves the FLOPs: when a "
+                                   "validation step is above the FLOPs limit, raise every token "
+                                   "mode's θ by one common factor until it is within (and train on "
+                                   "from there), rather than pass the step over.")
     train_split: FitSplit = Field("train", description="Split trained on.")
     val_split: FitSplit = Field("validation", description="Split that selects the step (never test).")
     val_examples: int | None = Field(None, ge=1, description="Validation examples per evaluation "
@@ -55,41 +63,104 @@ class Finetune(Pass):
             teacher.model.eval()
         trainer = Trainer(ctx.adapter, ctx.task, p.steps, p.lr, p.weight_decay, p.warmup,
                           teacher=teacher, kd_weight=p.kd_weight, kd_temperature=p.kd_temperature)
-        limit = p.max_flops if p.max_flops is not None else _comp_limit(ctx)
+        limit, tower = (p.max_flops, None) if p.max_flops is not None else _comp_limit(ctx)
         stream = batch_stream(ctx, p.train_split, p.batch_size, ctx.seed + 17)
         every = p.eval_every or p.steps
-        history, best, best_state = [], None, None
+        history, best, best_state, best_thetas = [], None, None, {}
         losses = []
         for step, batch in enumerate(ctx.progress(islice(stream, p.steps), "finetune", total=p.steps), 1):
             losses.append(trainer.step(batch))
             if step % every == 0 or step == p.steps:
-                q, flops = self._validate(ctx, p.val_split, p.val_examples)
+                refit = {}
+                if p.refit_thresholds and limit is not None:
+                    refit = fit_thresholds(ctx, limit, p.val_split, p.val_examples, tower)
+                q, flops = self._validate(ctx, p.val_split, p.val_examples, tower)
                 ok = limit is None or flops <= limit
                 history.append({"step": step, "quality": q, "flops": flops, "within_target": ok,
-                                "loss": sum(losses[-every:]) / len(losses[-every:])})
+                                "loss": sum(losses[-every:]) / len(losses[-every:]),
+                                **({"theta": refit} if refit else {})})
                 ctx.log(f"finetune step {step}: validation {q:.2f}, FLOPs {flops:.4g}"
                         + ("" if ok else " (above the target)"))
                 if ok and (best is None or q > best["quality"]):
                     best = history[-1]
                     if p.select:
                         best_state = copy.deepcopy(ctx.model.state_dict())
+                        best_thetas = token_thetas(ctx)
         if p.select and best_state is not None and best["step"] != p.steps:
             ctx.model.load_state_dict(best_state)
+            rt = runtime_of(ctx.model)
+            for mode, theta in best_thetas.items():
+                rt.set_mode_theta(mode, theta)
         ctx.model.eval()
         ctx.state.setdefault("finetune", []).append(
             {"steps": p.steps, "selected_step": best["step"] if (best and p.select) else p.steps,
-             "flops_limit": limit, "history": history})
+             "flops_limit": limit, "flops_tower": tower, "history": history})
 
     @staticmethod
-    def _validate(ctx: Context, split: str, max_examples: int | None) -> tuple[float, float]:
+    def _validate(ctx: Context, split: str, max_examples: int | None,
+                  tower: str | None) -> tuple[float, float]:
+        """The headline metric, and the mean FLOPs of the model (or of `tower`)."""
         spec = ctx.evaluation.model_copy(update=dict(split=split, max_examples=max_examples))
         result = measure(ctx, spec, with_latency=False)
-        return headline(ctx, result["metrics"]), result["flops"]
+        return headline(ctx, result["metrics"]), (result["flops_by_tower"][tower] if tower
+                                                   else result["flops"])
 
 
-def _comp_limit(ctx: Context) -> float | None:
+def _comp_limit(ctx: Context) -> tuple[float | None, str | None]:
+    """The last comp pass's target plus its tolerance, in FLOPs, and the tower they are of
+    (None: the whole model; a decoder LLM's with `flops_scope: decoder`)."""
     runs = ctx.state.get("comp")
     if not runs:
-        return None
+        return None, None
     last = runs[-1]
-    return (last["target"] + last["params"]["tol"]) * last["dense_flops"]
+    return (last["target"] + last["params"]["tol"]) * last["dense_flops"], last.get("flops_tower")
+
+
+def token_thetas(ctx: Context) -> dict[str, float]:
+    """θ of every token mode of the model's runtime that drops tokens."""
+    rt = runtime_of(ctx.model)
+    if rt is None:
+        return {}
+    return {m: rt.mode_theta(m) for m in rt.token_modes() if rt.mode_theta(m) > 0}
+
+
+def fit_thresholds(ctx: Context, limit: float, split: str, max_examples: int | None,
+                   tower: str | None = None, iterations: int = 8) -> dict[str, float]:
+    """Raise the θ of every token mode that drops tokens by the least common factor that
+    brings the mean FLOPs on `split` (of the model, or of `tower`) within `limit`; the new θ,
+    or {} when they already are (or no θ can: a model without token pruning)."""
+    old = token_thetas(ctx)
+    if not old or _mean_flops(ctx, split, max_examples, tower) <= limit:
+        return {}
+    rt: TokenRuntime = runtime_of(ctx.model)
+
+    def flops_at(scale: float) -> float:
+        for mode, theta in old.items():
+            rt.set_mode_theta(mode, scale * theta)
+        return _mean_flops(ctx, split, max_examples, tower)
+
+    lo, hi, f_lo = 1.0, 1.25, math.inf
+    while (f_hi := flops_at(hi)) > limit:
+        if f_hi >= f_lo:        # every site at its floor and still above: keep the old θ
+            flops_at(1.0)
+            return {}
+        lo, hi, f_lo = hi, 2 * hi, f_hi
+    for _ in range(iterations):  # the smallest scale found within the limit
+        mid = (lo + hi) / 2
+        if flops_at(mid) <= limit:
+            hi = mid
+        else:
+            lo = mid
+    flops_at(hi)
+    new = token_thetas(ctx)
+    ctx.log(f"finetune: token θ raised ×{hi:.3f} to stay within the FLOPs limit")
+    return new
+
+
+def _mean_flops(ctx: Context, split: str, max_examples: int | None,
+                tower: str | None = None) -> float:
+    ctx.model.eval()
+    counts = [group_token_counts(ctx, b) for b in ctx.batches(split, ctx.evaluation.batch_size,
+                                                               max_examples=max_examples)]
+    stats = flops_stats(ctx, counts)
+    return stats["by_tower"][tower] if tower else stats["mean"]

@@ -58,3 +58,15 @@ def test_a_decoder_takes_one_token_floor_for_both_modes(write_recipe, registry, 
     with pytest.raises(MMPruneError, match="give min_token_frac one value"):
         run_recipe(write_recipe, registry, _recipe(tmp_path / "run", [
             {"comp": {**FAST, "min_token_frac": floors}}]))
+
+
+def test_finetune_holds_a_decoder_scoped_target_in_decoder_flops(write_recipe, registry, tmp_path):
+    report = run_recipe(write_recipe, registry, _recipe(tmp_path / "run", [
+        {"comp": {**FAST, "target": 0.3, "flops_scope": "decoder"}},
+        {"finetune": {"steps": 2, "batch_size": 8, "lr": 1e-4, "eval_every": 1}}]))
+    comp, ft = report["state"]["comp"][0], report["state"]["finetune"][0]
+    assert ft["flops_tower"] == comp["flops_tower"] == "language"
+    assert ft["flops_limit"] == pytest.approx((comp["target"] + 0.005) * comp["dense_flops"])
+    # decoder FLOPs against a decoder limit: the whole model's (ViT included) would never fit
+    assert all(h["within_target"] for h in ft["history"])
+    assert all(h["flops"] < report["final"]["flops"] for h in ft["history"])

@@ -68,3 +68,35 @@ def test_distillation_without_a_dense_model_is_a_clear_error(ctx):
 
     with pytest.raises(MMPruneError, match="dense model"):
         Finetune(FinetuneParams(steps=1, batch_size=8, kd_weight=1.0)).run(ctx)
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_thresholds_rise_when_a_step_is_above_the_flops_limit(ctx, refit):
+    from mmprune.passes.finetune import _mean_flops
+
+    rt = TokenRuntime.attach(ctx.graph)
+    rt.set_sites("vision", SiteControl(theta=0.5))
+    limit = 0.97 * _mean_flops(ctx, "validation", None)     # training alone will not get there
+    Finetune(FinetuneParams(steps=2, batch_size=8, lr=1e-12, eval_every=1, max_flops=limit,
+                            refit_thresholds=refit)).run(ctx)
+    hist = ctx.state["finetune"][0]["history"]
+    if not refit:
+        assert not any(h["within_target"] for h in hist) and rt.theta("vision") == 0.5
+        return
+    assert all(h["within_target"] and h["flops"] <= limit for h in hist)
+    raised = hist[0]["theta"]["vision_tokens"]
+    assert raised > 0.5 and rt.theta("vision") == raised
+    assert "theta" not in hist[1]          # the raised θ kept the next step within the limit
+    # the least such θ: a little lower is above the limit again
+    rt.set_mode_theta("vision_tokens", 0.5 + 0.9 * (raised - 0.5))
+    assert _mean_flops(ctx, "validation", None) > limit
+
+
+def test_a_limit_no_threshold_can_reach_leaves_the_thresholds_alone(ctx):
+    from mmprune.passes.finetune import _mean_flops, fit_thresholds
+
+    rt = TokenRuntime.attach(ctx.graph)
+    rt.set_sites("vision", SiteControl(theta=0.5))
+    limit = 0.1 * _mean_flops(ctx, "validation", None)      # below the text tower alone
+    assert fit_thresholds(ctx, limit, "validation", None) == {}
+    assert rt.theta("vision") == 0.5
