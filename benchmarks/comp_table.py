@@ -72,6 +72,8 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         # stage-end pricing as the spec's, with plans far dearer than the cheapest refused
         "comp_refuse": (comp, ["passes.0.comp.refuse_dear_plans=true",
                                "passes.0.comp.lookahead_margin=20"]),
+        # stages priced by the headline validation metric (Eq. 3) instead of the recipes' loss
+        "comp_accuracy": (comp, ["passes.0.comp.cost_metric=val_metric"]),
         # a parameter stage takes what its units make the token sites drop, several quanta at times
         "comp_no_refit": (comp, ["passes.0.comp.refit_tokens=false"]),
         "upop_plan": (upop, ["passes.0.comp.cost_at=plan"]),
