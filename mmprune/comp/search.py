@@ -239,21 +239,21 @@ class CompSearch:
         one unit overshoots, the token modes it made drop more get a lower θ (`refit_tokens`), but
         never so low that the stage removes less than its units' own FLOPs."""
         n = len(plan.order)
-        r = self._removal(plan, n, {}, f_now, f0)[0] if n else 0.0
+        r, after = self._removal(plan, n, {}, f_now, f0) if n else (0.0, {})
         if n > 1 and r > 1.05 * cap:
-            lo, hi, r_lo, r_hi = 0, n, 0.0, r      # removal(lo) ≤ 1.05·cap < removal(hi)
+            lo, hi, at_lo, at_hi = 0, n, (0.0, {}), (r, after)  # removal(lo) ≤ 1.05·cap < removal(hi)
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                r_mid = self._removal(plan, mid, {}, f_now, f0)[0]
-                if r_mid <= 1.05 * cap:
-                    lo, r_lo = mid, r_mid
+                at_mid = self._removal(plan, mid, {}, f_now, f0)
+                if at_mid[0] <= 1.05 * cap:
+                    lo, at_lo = mid, at_mid
                 else:
-                    hi, r_hi = mid, r_mid
-            n, r = (lo, r_lo) if lo else (1, r_hi)   # hi is 1 when even one unit overshoots
+                    hi, at_hi = mid, at_mid
+            n, (r, after) = (lo, at_lo) if lo else (1, at_hi)   # hi is 1 when even one unit overshoots
             plan.last = False
         bound = max(cap, sum(unit[gid] for gid, _ in plan.order[:n]))
         if n and r > 1.05 * bound and self.p.refit_tokens:
-            plan.refit, r = self._refit_thetas(plan, n, bound, r, counts, f_now, f0)
+            plan.refit, r = self._refit_thetas(plan, n, bound, r, counts, after, f_now, f0)
         for gid, i in plan.order[:n]:
             plan.units.setdefault(gid, []).append(i)
         plan.order = plan.order[:n]
@@ -279,21 +279,24 @@ class CompSearch:
                 self.rt.set_mode_theta(m, theta)
         return (f_now - f) / f0, counts
 
-    def _tower_tokens(self, counts: dict[str, torch.Tensor], tower: str) -> float:
-        return sum(float(c.float().sum()) for gid, c in counts.items()
-                   if ":" not in gid and self.graph.groups[gid].tower == tower)
+    def _tower_counts(self, counts: dict[str, torch.Tensor], tower: str) -> list[torch.Tensor]:
+        """The token counts of `tower`'s unit groups (not the cross-attention key counts)."""
+        return [c for gid, c in counts.items() if ":" not in gid and self.graph.groups[gid].tower == tower]
 
     def _refit_thetas(self, plan: StagePlan, n: int, cap: float, r: float,
-                      counts: dict[str, torch.Tensor], f_now: float,
+                      counts: dict[str, torch.Tensor], after: dict[str, torch.Tensor], f_now: float,
                       f0: float) -> tuple[dict[str, tuple[float, float]], float]:
         """Lower θ of the token modes whose towers lose tokens when `plan`'s first n units are
-        masked, by one common factor, so the stage removes about its cap: without it, one head
-        that reshapes a token-pruned tower's attention can remove several quanta at once, and
-        MPS prices (and the model pays for) a cut far wider than planned."""
-        _, after = self._removal(plan, n, {}, f_now, f0)
+        masked (`counts` before, `after` with them at zero), by one common factor, so the stage
+        removes about its cap: without it, one head that reshapes a token-pruned tower's
+        attention can remove several quanta at once, and MPS prices (and the model pays for) a
+        cut far wider than planned."""
+        def tokens(cs: dict[str, torch.Tensor], tower: str) -> float:
+            return sum(float(c.float().sum()) for c in self._tower_counts(cs, tower))
+
         old = {m: self.rt.mode_theta(m) for m, tower in self.token_modes.items()
                if m in self.modes and self.rt.mode_theta(m) > 0
-               and self._tower_tokens(after, tower) < 0.99 * self._tower_tokens(counts, tower)}
+               and tokens(after, tower) < 0.99 * tokens(counts, tower)}
         lo, hi, best = 0.0, 1.0, None            # scale s: the removal falls with s
         for _ in range(12 if old else 0):
             mid = (lo + hi) / 2
@@ -314,8 +317,7 @@ class CompSearch:
         """Bisection on θ so that the probe set's mean FLOPs fall by quantum ± 5%."""
         tower = self.token_modes[mode]
         # |Cand|·S ≥ θ fails for every candidate once θ exceeds the token count: no use going higher
-        cap = 1.0 + max(float(c.max()) for gid, c in counts.items()
-                        if ":" not in gid and self.graph.groups[gid].tower == tower)
+        cap = 1.0 + max(float(c.max()) for c in self._tower_counts(counts, tower))
         old = self.rt.mode_theta(mode)
 
         def removed(theta: float) -> float:

@@ -71,10 +71,12 @@ class Finetune(Pass):
         for step, batch in enumerate(ctx.progress(islice(stream, p.steps), "finetune", total=p.steps), 1):
             losses.append(trainer.step(batch))
             if step % every == 0 or step == p.steps:
-                refit = {}
-                if p.refit_thresholds and limit is not None:
-                    refit = fit_thresholds(ctx, limit, p.val_split, p.val_examples, tower)
                 q, flops = self._validate(ctx, p.val_split, p.val_examples, tower)
+                refit = {}
+                if p.refit_thresholds and limit is not None and flops > limit:
+                    refit = fit_thresholds(ctx, limit, p.val_split, p.val_examples, tower)
+                    if refit:       # measured again at the raised θ
+                        q, flops = self._validate(ctx, p.val_split, p.val_examples, tower)
                 ok = limit is None or flops <= limit
                 history.append({"step": step, "quality": q, "flops": flops, "within_target": ok,
                                 "loss": sum(losses[-every:]) / len(losses[-every:]),
@@ -134,15 +136,18 @@ def fit_thresholds(ctx: Context, limit: float, split: str, max_examples: int | N
         return {}
     rt: TokenRuntime = runtime_of(ctx.model)
 
-    def flops_at(scale: float) -> float:
+    def scale(by: float) -> None:
         for mode, theta in old.items():
-            rt.set_mode_theta(mode, scale * theta)
+            rt.set_mode_theta(mode, by * theta)
+
+    def flops_at(by: float) -> float:
+        scale(by)
         return _mean_flops(ctx, split, max_examples, tower)
 
     lo, hi, f_lo = 1.0, 1.25, math.inf
     while (f_hi := flops_at(hi)) > limit:
         if f_hi >= f_lo:        # every site at its floor and still above: keep the old θ
-            flops_at(1.0)
+            scale(1.0)
             return {}
         lo, hi, f_lo = hi, 2 * hi, f_hi
     for _ in range(iterations):  # the smallest scale found within the limit
@@ -151,7 +156,7 @@ def fit_thresholds(ctx: Context, limit: float, split: str, max_examples: int | N
             hi = mid
         else:
             lo = mid
-    flops_at(hi)
+    scale(hi)
     new = token_thetas(ctx)
     ctx.log(f"finetune: token θ raised ×{hi:.3f} to stay within the FLOPs limit")
     return new
