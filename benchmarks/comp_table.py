@@ -55,6 +55,8 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         "upop": (upop, []),
         "tokens": (base / f"tokens_{family}_{task}.yaml", []),
         "sjp": (base / f"sjp_{family}_{task}.yaml", []),
+        # control: the dense model trained as long as a search and its fine-tuning, nothing pruned
+        "dense_ft": (base / f"dense_ft_{family}_{task}.yaml", []),
         # ablations (comp.md §8)
         "comp_cim_off": (comp, ["passes.0.comp.cip=false", "passes.0.comp.cit=false"]),
         "comp_cip_only": (comp, ["passes.0.comp.cit=false"]),
@@ -77,12 +79,16 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         # a parameter stage takes what its units make the token sites drop, several quanta at times
         "comp_no_refit": (comp, ["passes.0.comp.refit_tokens=false"]),
         "upop_plan": (upop, ["passes.0.comp.cost_at=plan"]),
+        # parameters only, with the same undo of stages that lose over a tenth of their quality
+        "upop_rollback": (upop, ["passes.0.comp.rollback_drop=0.1"]),
         # at least half of each site's caption tokens kept, against MPS emptying the text tower
         "comp_text_floor": (comp, ["passes.0.comp.min_token_frac={language_tokens: 0.5}"]),
         # dropped tokens folded into one weighted token, as the token-only baseline does
         "comp_merge": (comp, ["passes.0.comp.merge_dropped=fuse_one"]),
         # a mode whose next stage would remove under a quarter of a quantum is retired
         "comp_retire": (comp, ["passes.0.comp.retire_below=0.25"]),
+        # a stage that loses more than a tenth of its starting quality is undone
+        "comp_rollback": (comp, ["passes.0.comp.rollback_drop=0.1"]),
     }
 
 
@@ -95,6 +101,8 @@ def targets(method: str, ratio: float) -> list[str]:
         return [f"passes.0.token_prune.flops_target={ratio}"]
     if method == "params":     # LLaVA: structured pruning of the decoder to the target
         return [f"passes.1.prune_structured.target={ratio}"]
+    if method == "dense_ft":   # nothing pruned: the target does not apply
+        return []
     if method == "sjp":   # tokens to half the reduction, then parameters for the rest
         return [f"passes.0.comp.target={ratio / 2}", f"passes.1.comp.target={ratio}"]
     return [f"passes.0.comp.target={ratio}"]
@@ -126,11 +134,15 @@ def run_one(family: str, task: str, method: str, ratio: float, seed: int = 0) ->
                 "model_flops_reduction": row["achieved_flops_reduction"],
                 "sites": report["state"].get("token_prune", {}).get("sites"),
                 **_comp_summary(report)}
+    if not report["state"].get("comp"):      # dense_ft: nothing pruned, no target
+        steps = sum(f["steps"] for f in report["state"].get("finetune", []))
+        return {**row, "flops_reduction": 0.0, "schedule": f"dense, {steps} fine-tuning steps"}
     cp = report["state"]["comp"][0]["params"]
     return {**row,
             # the search schedule, so rows measured under different recipes are not confused
             "schedule": f"quantum {cp['stage_quantum']}, K {cp['k_min']}, {cp['cost_metric']}"
-                        + (f", param quantum {pq}" if (pq := _param_quantum(report)) else "")}
+                        + (f", param quantum {pq}" if (pq := _param_quantum(report)) else "")
+                        + (f", rollback {cp['rollback_drop']}" if cp.get("rollback_drop") else "")}
 
 
 def _comp_summary(report: dict) -> dict:

@@ -79,7 +79,8 @@ def _comp_section(state: dict) -> list[str]:
                   + f". Plot: `plots/{name}`.", "",
                   "| stage | mode | chosen by | FLOPs | validation | cost r |", "|---:|---|---|---:|---:|---:|"]
         for t in stages:
-            lines.append(f"| {t['stage']} | {t['mode']} | {t['why']} | {t['flops']:.3f} | "
+            why = f"{t['why']}, undone at {t['tried_quality']:.2f}" if t.get("undone") else t["why"]
+            lines.append(f"| {t['stage']} | {t['mode']} | {why} | {t['flops']:.3f} | "
                          f"{t['quality']:.2f} | {t['r']:.3g} |")
     for f in state.get("finetune", []):
         lines += ["", f"Fine-tuning: {f['steps']} steps; selected step {f['selected_step']} "

@@ -24,6 +24,8 @@ def plot_trajectory(result: dict[str, Any], path: Path, task: str) -> Path:
     for t in stages:
         top.scatter(t["stage"], modes.index(t["mode"]), color=COLOURS[t["mode"]], s=60,
                     marker={"warm-up": "s", "explore": "^", "exploit": "o"}.get(t.get("why"), "o"))
+        if t.get("undone"):     # rollback_drop: the stage was run, priced and taken back
+            top.scatter(t["stage"], modes.index(t["mode"]), s=110, marker="x", color="red")
         for m in t.get("lookahead", {}):    # cost_at lookahead: the plans priced and passed over
             if m == t["mode"]:
                 continue
@@ -35,6 +37,8 @@ def plot_trajectory(result: dict[str, Any], path: Path, task: str) -> Path:
     top.set_yticks(range(len(modes)), modes)
     top.set_ylim(-0.5, len(modes) - 0.5)
     title = "MPS: mode per stage (square: warm-up, triangle: exploration, circle: lowest cost)"
+    if any(t.get("undone") for t in stages):
+        title += "\nred x: stage undone (lost more than rollback_drop of its quality)"
     if any("lookahead" in t for t in stages):
         title += "\nsmall: priced, not chosen (x: refused as far dearer than the cheapest)"
     top.set_title(title, fontsize=9)

@@ -12,6 +12,7 @@ MPS can price the mode. When the target is reached, faded units are removed phys
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -80,6 +81,15 @@ class StagePlan:
         return max(self.planned_flops, self.nominal)
 
 
+@dataclass
+class StageStart:
+    """What a stage changes, as it was before the stage: enough to undo it (`rollback_drop`)."""
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scores: dict[str, torch.Tensor]
+    thetas: dict[str, float]
+
+
 class CompSearch:
     """One search run. `p` is the pass's parameter model (mmprune.passes.comp.CompParams)."""
 
@@ -116,6 +126,8 @@ class CompSearch:
             self.scheduler = ModeScheduler(self.modes, rho=p.rho, tau=p.tau, lambda0=p.lambda0,
                                            i_max=p.i_max, seed=ctx.seed)
         self.frozen: dict[str, set[int]] = {gid: set() for gid in self.graph.groups}
+        # units whose stage was undone (rollback_drop): the model needs them, later plans skip them
+        self.kept: dict[str, set[int]] = {gid: set() for gid in self.graph.groups}
         self.token_modes = self.rt.token_modes()      # mode -> the tower whose counts it changes
         for mode in self.modes:
             if mode in self.token_modes:
@@ -126,6 +138,7 @@ class CompSearch:
         self.probe = self._fixed_batches(p.train_split, p.probe_set, ctx.seed + 2)
         self.trajectory: list[dict] = []
         self.scores: dict[str, torch.Tensor] = {}
+        self.barred: dict[str, int] = {}   # mode -> accepted stages it waits after a rollback
         self._p0 = self.graph.cost.params({gid: g.total for gid, g in self.graph.groups.items()})
 
     # ---- data
@@ -194,7 +207,8 @@ class CompSearch:
                 if s is None:
                     raise MMPruneError(f"comp: no importance statistics for {gid}; "
                                        "warm-up must run at least one step")
-                pool += [(float(s[i]), gid, i) for i in range(g.size) if i not in self.frozen[gid]]
+                pool += [(float(s[i]), gid, i) for i in range(g.size)
+                         if i not in self.frozen[gid] and i not in self.kept[gid]]
             if not pool:
                 continue
             vals = np.array([v for v, _, _ in pool])
@@ -202,7 +216,8 @@ class CompSearch:
                 vals = (vals - vals.mean()) / (vals.std() + 1e-12)
             ranked += [(v, gid, i) for v, (_, gid, i) in zip(vals, pool)]
         ranked.sort(key=lambda r: (r[0], r[1], r[2]))
-        left = {gid: g.size - len(self.frozen[gid]) - self._floor(g) for gid, g in self.graph.groups.items()}
+        left = {gid: g.size - len(self.frozen[gid]) - max(self._floor(g), len(self.kept[gid]))
+                for gid, g in self.graph.groups.items()}
         unit = {gid: self._unit_flops(self.graph.groups[gid], counts) / f0 for gid in left}
         prunable = sum(unit[gid] * max(left[gid], 0) for gid, g in self.graph.groups.items()
                        if g.tower == tower)
@@ -401,10 +416,11 @@ class CompSearch:
             return None
         return plan
 
-    def _pick(self, planned: Callable[[str], StagePlan | None], f0: float):
+    def _pick(self, planned: Callable[[str], StagePlan | None], f0: float,
+              among: set[str] | None = None):
         """MPS as in the spec: choose on past costs, then plan; a mode with no plan is dropped
         and the choice made again."""
-        while (choice := self.scheduler.choose()) is not None:
+        while (choice := self.scheduler.choose(among=among)) is not None:
             mode, why = choice
             plan = planned(mode)
             if plan is None:
@@ -415,13 +431,13 @@ class CompSearch:
         return None
 
     def _pick_by_lookahead(self, planned: Callable[[str], StagePlan | None], quantum: float,
-                           q_cur: float, f_cur: float, f0: float):
+                           q_cur: float, f_cur: float, f0: float, among: set[str] | None = None):
         """Plan and price every active mode's next stage, then choose: among the prices
         (`cost_at: lookahead`), or on past costs as `cost_at` says (`refuse_dear_plans`). A plan
         expected to lose more than `lookahead_margin` of quality per quantum beyond the cheapest
         is refused, so neither exploration nor a cheap history can take it."""
         plans, damage, prices = {}, {}, {}
-        for mode in list(self.scheduler.active):
+        for mode in [m for m in self.scheduler.active if among is None or m in among]:
             plan = planned(mode)
             if plan is None:
                 self.scheduler.retire(mode)
@@ -487,12 +503,23 @@ class CompSearch:
             f_probe_now, counts = self.measure_flops(self.probe)
             planned = partial(self._plan, quantum=quantum, f_probe_now=f_probe_now,
                               f0_probe=f0_probe, counts=counts)
-            pick = (self._pick_by_lookahead(planned, quantum, q_cur, f_cur, f0)
-                    if p.cost_at == "lookahead" or p.refuse_dear_plans else self._pick(planned, f0))
-            if pick is None:
+
+            def pick(among: set[str] | None):
+                if p.cost_at == "lookahead" or p.refuse_dear_plans:
+                    return self._pick_by_lookahead(planned, quantum, q_cur, f_cur, f0, among)
+                return self._pick(planned, f0, among)
+
+            among = {m for m in self.scheduler.active if m not in self.barred} if self.barred else None
+            chosen = pick(among) if among or among is None else None
+            # every mode left was undone lately: the stage runs unguarded rather than stop short
+            guarded = p.rollback_drop is not None and (chosen is not None or among is None)
+            if chosen is None and among is not None:
+                chosen = pick(None)
+            if chosen is None:
                 self.log("comp: every mode is exhausted before the target")
                 break
-            mode, why, plan, priced, looked = pick
+            mode, why, plan, priced, looked = chosen
+            start = self._stage_start(trainer) if guarded else None
             # stages smaller than the quantum (capped, or the last) can outrun the estimate:
             # stretch the schedule rather than train the extra stages at zero learning rate
             trainer.total = max(trainer.total, steps_done + k)
@@ -502,16 +529,37 @@ class CompSearch:
             steps_done += k
             self._commit(plan)
             self._close_window()
-            if plan.last:
-                self.scheduler.retire(mode)
             q_new = self.quality()
             f_new = self.measure_flops(self.v_sub)[0] / f0
+            undone = start is not None and q_cur - q_new > p.rollback_drop * abs(q_cur)
+            if plan.last and not undone:
+                self.scheduler.retire(mode)
             q_priced, f_priced = priced or (q_new, f_new)
-            r = self.scheduler.record(mode, q_cur, q_priced, f_cur, f_priced, why=why,
-                                      planned=plan.removes,
-                                      theta=self._thetas())
+            if undone and plan.units:   # its next plan skips these units: this price is not its
+                r = self.scheduler.price(q_cur, q_priced, f_cur, f_priced, planned=plan.removes)
+            else:
+                r = self.scheduler.record(mode, q_cur, q_priced, f_cur, f_priced, why=why,
+                                          planned=plan.removes, theta=self._thetas())
+            tried = {}
+            if undone:
+                self._undo(plan, start, trainer)
+                if plan.units:
+                    for gid, units in plan.units.items():
+                        self.kept[gid].update(units)
+                    then = "its units are kept from now on"
+                else:
+                    self.barred[mode] = p.rollback_bar
+                    then = f"{mode} waits {p.rollback_bar} stage(s)"
+                self.log(f"comp stage {self.scheduler.stage}: {mode} ({why}) undone: quality "
+                         f"{q_cur:.2f} → {q_new:.2f}, more than {p.rollback_drop:.0%} lost; {then}")
+                tried = {"undone": True, "tried_quality": q_new, "tried_flops": f_new}
+                q_new, f_new = q_cur, f_cur       # the path goes on from the stage's start
+            else:
+                self.barred = {m: n - 1 for m, n in self.barred.items() if n > 1}
             self.trajectory.append({"stage": self.scheduler.stage, "mode": mode, "why": why,
-                                    "quality": q_new, "flops": f_new, "r": r,
+                                    "quality": q_new, "flops": f_new, "r": r, **tried,
+                                    **({"unguarded": True} if p.rollback_drop is not None
+                                       and not guarded else {}),
                                     **({"priced_quality": q_priced, "priced_flops": f_priced}
                                        if priced else {}),
                                     **looked,
@@ -524,8 +572,9 @@ class CompSearch:
                                     **({"refit": plan.refit} if plan.refit else {}),
                                     "param_share": sum(self.graph.cost.unit_param_cost(self.graph.groups[gid]) * len(v)
                                                        for gid, v in plan.units.items()) / self._p0})
-            self.log(f"comp stage {self.scheduler.stage}: {mode} ({why}) FLOPs {f_cur:.3f} → "
-                     f"{f_new:.3f}, quality {q_cur:.2f} → {q_new:.2f}")
+            if not undone:
+                self.log(f"comp stage {self.scheduler.stage}: {mode} ({why}) FLOPs {f_cur:.3f} → "
+                         f"{f_new:.3f}, quality {q_cur:.2f} → {q_new:.2f}")
             q_cur, f_cur = q_new, f_new
             bar.update(1)
         bar.close()
@@ -535,6 +584,30 @@ class CompSearch:
                 "steps_per_stage": k, "warmup_steps": warmup, "modes": self.modes,
                 "thresholds": self._thetas(),
                 "trajectory": self.trajectory}
+
+    def _stage_start(self, trainer: Trainer) -> StageStart:
+        return StageStart(weights={n: t.detach().clone() for n, t in self.ctx.model.named_parameters()},
+                          optimizer=copy.deepcopy(trainer.opt.state_dict()),
+                          scores=self.scores, thetas=self._thetas())
+
+    @torch.no_grad()
+    def _undo(self, plan: StagePlan, start: StageStart, trainer: Trainer) -> None:
+        """Put the model back as it was before `plan`'s stage: weights, optimizer moments,
+        masks, token thresholds and the scores the next stage plans with. The learning-rate
+        schedule goes on: the stage's steps were spent."""
+        for gid, units in plan.units.items():
+            self.frozen[gid].difference_update(units)
+        self._apply(StagePlan(plan.mode), 0.0)
+        for m, theta in start.thetas.items():
+            if self.rt.mode_theta(m) != theta:
+                self.rt.set_mode_theta(m, theta)
+        for n, t in self.ctx.model.named_parameters():
+            t.copy_(start.weights[n])
+        lrs = [g["lr"] for g in trainer.opt.param_groups]
+        trainer.opt.load_state_dict(start.optimizer)
+        for g, lr in zip(trainer.opt.param_groups, lrs):
+            g["lr"] = lr
+        self.scores = start.scores
 
     def _thetas(self) -> dict[str, float]:
         return {m: self.rt.mode_theta(m) for m in self.token_modes}

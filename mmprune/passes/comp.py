@@ -113,6 +113,21 @@ class CompParams(PassParams):
         "A plan's damage before training overstates some modes' real cost many times "
         "(parameters recover during the stage, dropped tokens do not), so uncorrected prices "
         "pick tokens almost only. Each mode not refused runs one stage first.")
+    rollback_drop: float | None = Field(None, gt=0.0, lt=1.0, description="Undo a stage that "
+                                        "loses more than this share of the validation quality Q "
+                                        "it started from (of the metric, or of the validation "
+                                        "loss it adds to): weights, optimizer state, masks and "
+                                        "thresholds go back to the stage's start. An undone "
+                                        "parameter stage's units are kept from then on (the "
+                                        "mode's next plan takes others, so its cost is not "
+                                        "recorded); an undone token stage's cost goes into its "
+                                        "mode's history and the mode waits `rollback_bar` stages. "
+                                        "One text head or a text-token stage can take a model to "
+                                        "chance in K steps, and Eq. 3 then credits the next mode "
+                                        "with whatever recovery there is (None: never undo).")
+    rollback_bar: int = Field(3, ge=1, description="Accepted stages a token mode waits after one "
+                              "of its stages was undone. When every mode left waits, the next "
+                              "stage runs unguarded rather than stop short of the target.")
     v_sub: int = Field(1000, ge=8, description="Validation examples that price each stage.")
     probe_set: int = Field(256, ge=8, description="Training examples that size each stage's quantum.")
     flops_scope: Literal["model", "decoder"] = Field("model", description="What `target` and "

@@ -62,3 +62,72 @@ def test_a_head_that_makes_tokens_drop_lowers_their_threshold_for_its_stage(broa
     assert search.rt.mode_theta("vision_tokens") == old
     search._commit(plan)
     assert search.rt.mode_theta("vision_tokens") == new
+
+
+@pytest.fixture
+def clip_ctx() -> Context:
+    adapter = make_adapter()
+    data = SyntheticSource(SyntheticParams(task="retrieval", train_size=64, validation_size=32,
+                                           test_size=32), seed=0).load(adapter)
+    return Context(adapter, trace(adapter), data, "retrieval", seed=0, show_progress=False)
+
+
+def _masks(search: CompSearch) -> list:
+    return [None if m is None else m.clone() for host in search.rt._hosts() for c in host.controls
+            for m in (c.head_mask, c.mlp_mask, c.cross_mask)]
+
+
+def _same_masks(a: list, b: list) -> bool:
+    return len(a) == len(b) and all((x is None and y is None) or (x is not None and y is not None
+                                    and torch.equal(x, y)) for x, y in zip(a, b))
+
+
+def test_a_stage_that_loses_too_much_is_undone(clip_ctx):
+    """rollback_drop near 0 undoes every stage that raises the validation loss at all; a high
+    learning rate makes some do. An undone stage leaves weights, masks, thresholds and quality as
+    they were at its start; an undone token mode sits out the next stage, an undone parameter
+    stage's units are never removed, and the target is still reached."""
+    from mmprune.training import Trainer
+
+    p = CompParams(target=0.4, stage_quantum=0.1, k_min=2, search_steps=4, warmup_steps=2,
+                   batch_size=8, eval_batch_size=16, v_sub=32, probe_set=32, lr=3e-3,
+                   cost_metric="val_loss", rollback_drop=1e-6, rollback_bar=1)
+    search = CompSearch(clip_ctx, p, log=lambda m: None)
+    model = clip_ctx.model
+    before, restored, committed, undone_units = {}, [], [], []
+    start, undo, commit = search._stage_start, search._undo, search._commit
+
+    def stage_start(trainer):
+        before.update(quality=search.quality(), thetas=search._thetas(),
+                      frozen={g: set(u) for g, u in search.frozen.items()}, masks=_masks(search),
+                      weights={n: t.detach().clone() for n, t in model.named_parameters()})
+        return start(trainer)
+
+    def undo_and_check(plan, at_start, trainer):
+        undo(plan, at_start, trainer)
+        undone_units.append({(g, i) for g, units in plan.units.items() for i in units})
+        restored.append(search.quality() == before["quality"]
+                        and search._thetas() == before["thetas"]
+                        and search.frozen == before["frozen"]
+                        and _same_masks(_masks(search), before["masks"])
+                        and all(torch.equal(t, before["weights"][n]) for n, t in model.named_parameters()))
+
+    def record_commit(plan):
+        committed.append({(g, i) for g, units in plan.units.items() for i in units})
+        commit(plan)
+
+    search._stage_start, search._undo, search._commit = stage_start, undo_and_check, record_commit
+    result = search.run(lambda total: Trainer(clip_ctx.adapter, clip_ctx.task, total, p.lr))
+    stages = result["trajectory"][1:]
+    assert restored and all(restored)
+    assert sum(t.get("undone", False) for t in stages) == len(restored)
+    kept = set().union(*undone_units)
+    assert kept, "no parameter stage was undone"
+    accepted = [c for c, t in zip(committed, stages) if not t.get("undone")]
+    assert not kept & set().union(*accepted)     # what an undone stage tried is never removed
+    for t, nxt in zip(stages, stages[1:]):
+        if t.get("undone"):
+            assert t["tried_quality"] < t["quality"]
+            if t["mode"].endswith("tokens"):
+                assert nxt["mode"] != t["mode"] or nxt.get("unguarded"), (t, nxt)
+    assert result["final_flops"] <= result["target"] + p.tol + 1e-9
