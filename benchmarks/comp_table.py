@@ -81,6 +81,9 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         "upop_plan": (upop, ["passes.0.comp.cost_at=plan"]),
         # parameters only, with the same undo of stages that lose over a tenth of their quality
         "upop_rollback": (upop, ["passes.0.comp.rollback_drop=0.1"]),
+        # the CLIP and NLVR recipes undo stages (rollback_drop 0.1); these are without it
+        "upop_no_rollback": (upop, ["passes.0.comp.rollback_drop=null"]),
+        "comp_no_rollback": (comp, ["passes.0.comp.rollback_drop=null"]),
         # at least half of each site's caption tokens kept, against MPS emptying the text tower
         "comp_text_floor": (comp, ["passes.0.comp.min_token_frac={language_tokens: 0.5}"]),
         # dropped tokens folded into one weighted token, as the token-only baseline does

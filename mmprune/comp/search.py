@@ -139,6 +139,7 @@ class CompSearch:
         self.trajectory: list[dict] = []
         self.scores: dict[str, torch.Tensor] = {}
         self.barred: dict[str, int] = {}   # mode -> accepted stages it waits after a rollback
+        self.released = False   # kept units given back to reach the target; no more undoing
         self._p0 = self.graph.cost.params({gid: g.total for gid, g in self.graph.groups.items()})
 
     # ---- data
@@ -512,9 +513,13 @@ class CompSearch:
             among = {m for m in self.scheduler.active if m not in self.barred} if self.barred else None
             chosen = pick(among) if among or among is None else None
             # every mode left was undone lately: the stage runs unguarded rather than stop short
-            guarded = p.rollback_drop is not None and (chosen is not None or among is None)
+            guarded = (p.rollback_drop is not None and not self.released
+                       and (chosen is not None or among is None))
             if chosen is None and among is not None:
                 chosen = pick(None)
+            if chosen is None and any(self.kept.values()):
+                self._release_kept()
+                continue
             if chosen is None:
                 self.log("comp: every mode is exhausted before the target")
                 break
@@ -580,10 +585,21 @@ class CompSearch:
         bar.close()
         self.freeze()
         return {"dense_flops": f0, "flops_tower": self.scope, "target": target,
-                "final_flops": f_cur, "final_quality": q_cur,
+                "final_flops": f_cur, "final_quality": q_cur, "kept_released": self.released,
                 "steps_per_stage": k, "warmup_steps": warmup, "modes": self.modes,
                 "thresholds": self._thetas(),
                 "trajectory": self.trajectory}
+
+    def _release_kept(self) -> None:
+        """Every mode is exhausted short of the target while undone stages keep units: give
+        them back to the parameter modes and run the rest of the search unguarded, so the target
+        is reached (and a stage undone again cannot keep them once more, which could loop)."""
+        n = sum(len(u) for u in self.kept.values())
+        self.log(f"comp: every mode is exhausted before the target; the {n} unit(s) kept by "
+                 "undone stages are released and the search goes on without undoing stages")
+        self.kept = {gid: set() for gid in self.graph.groups}
+        self.scheduler.exhausted -= {m for m in self.modes if m in PARAM_TOWERS}
+        self.barred, self.released = {}, True
 
     def _stage_start(self, trainer: Trainer) -> StageStart:
         return StageStart(weights={n: t.detach().clone() for n, t in self.ctx.model.named_parameters()},

@@ -131,3 +131,24 @@ def test_a_stage_that_loses_too_much_is_undone(clip_ctx):
             if t["mode"].endswith("tokens"):
                 assert nxt["mode"] != t["mode"] or nxt.get("unguarded"), (t, nxt)
     assert result["final_flops"] <= result["target"] + p.tol + 1e-9
+
+
+def test_units_kept_by_undone_stages_are_released_to_reach_the_target(clip_ctx):
+    """Parameters only, every stage that raises the loss undone: the kept units leave both modes
+    exhausted short of the target; they are given back and the search ends at the target,
+    without undoing stages from then on."""
+    from mmprune.training import Trainer
+
+    p = CompParams(target=0.4, stage_quantum=0.1, k_min=2, search_steps=4, warmup_steps=2,
+                   batch_size=8, eval_batch_size=16, v_sub=32, probe_set=32, lr=3e-3,
+                   modes=["vision_params", "language_params"], cost_metric="val_loss",
+                   rollback_drop=1e-6, rollback_bar=1)
+    logs = []
+    search = CompSearch(clip_ctx, p, log=logs.append)
+    result = search.run(lambda total: Trainer(clip_ctx.adapter, clip_ctx.task, total, p.lr))
+    assert result["kept_released"] and any("are released" in m for m in logs)
+    stages = result["trajectory"][1:]
+    first_free = next(i for i, t in enumerate(stages) if t.get("unguarded"))
+    assert any(t.get("undone") for t in stages[:first_free])
+    assert not any(t.get("undone") for t in stages[first_free:])
+    assert result["final_flops"] <= result["target"] + p.tol + 1e-9
