@@ -511,11 +511,10 @@ class CompSearch:
                 return self._pick(planned, f0, among)
 
             among = {m for m in self.scheduler.active if m not in self.barred} if self.barred else None
-            chosen = pick(among) if among or among is None else None
-            # every mode left was undone lately: the stage runs unguarded rather than stop short
-            guarded = (p.rollback_drop is not None and not self.released
-                       and (chosen is not None or among is None))
+            chosen = pick(among) if among != set() else None
+            guarded = p.rollback_drop is not None and not self.released and chosen is not None
             if chosen is None and among is not None:
+                # every mode left was undone lately: the stage runs unguarded rather than stop short
                 chosen = pick(None)
             if chosen is None and any(self.kept.values()):
                 self._release_kept()
@@ -561,6 +560,8 @@ class CompSearch:
                 q_new, f_new = q_cur, f_cur       # the path goes on from the stage's start
             else:
                 self.barred = {m: n - 1 for m, n in self.barred.items() if n > 1}
+                self.log(f"comp stage {self.scheduler.stage}: {mode} ({why}) FLOPs {f_cur:.3f} → "
+                         f"{f_new:.3f}, quality {q_cur:.2f} → {q_new:.2f}")
             self.trajectory.append({"stage": self.scheduler.stage, "mode": mode, "why": why,
                                     "quality": q_new, "flops": f_new, "r": r, **tried,
                                     **({"unguarded": True} if p.rollback_drop is not None
@@ -577,9 +578,6 @@ class CompSearch:
                                     **({"refit": plan.refit} if plan.refit else {}),
                                     "param_share": sum(self.graph.cost.unit_param_cost(self.graph.groups[gid]) * len(v)
                                                        for gid, v in plan.units.items()) / self._p0})
-            if not undone:
-                self.log(f"comp stage {self.scheduler.stage}: {mode} ({why}) FLOPs {f_cur:.3f} → "
-                         f"{f_new:.3f}, quality {q_cur:.2f} → {q_new:.2f}")
             q_cur, f_cur = q_new, f_new
             bar.update(1)
         bar.close()
@@ -615,7 +613,7 @@ class CompSearch:
             self.frozen[gid].difference_update(units)
         self._apply(StagePlan(plan.mode), 0.0)
         for m, theta in start.thetas.items():
-            if self.rt.mode_theta(m) != theta:
+            if self.rt.mode_theta(m) != theta:     # only what the stage moved (token plan, refit)
                 self.rt.set_mode_theta(m, theta)
         for n, t in self.ctx.model.named_parameters():
             t.copy_(start.weights[n])
