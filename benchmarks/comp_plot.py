@@ -1,0 +1,86 @@
+"""Plot CoMP and its single-mode baselines against the FLOPs reduction, from benchmarks/results/comp.json.
+
+One figure per task and zoo build (the build is picked by its dense metric, since a rebuilt zoo
+gives another dense model): the test metric and the measured speedup of each method at each
+target, every seed as a dot and their mean as a line, with the zoo's dense model and the dense
+model trained as long as a search (`dense_ft`) as horizontal lines.
+
+    .venv/bin/python benchmarks/comp_plot.py --task blip:nlvr --dense 69.8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from results_file import MINIVL_GENERATOR
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LABELS = {"comp": "CoMP", "upop": "parameters only (UPop-like)", "tokens": "tokens only (MADTP-like)",
+          "sjp": "tokens, then parameters"}
+
+
+def build_rows(rows: list[dict], family: str, task: str, dense: float) -> list[dict]:
+    """The current generator's rows of one task and zoo build."""
+    return [r for r in rows if r.get("minivl_generator", 1) == MINIVL_GENERATOR
+            and (r["family"], r["task"]) == (family, task) and abs(r["dense_value"] - dense) < 1e-6]
+
+
+def by_method(rows: list[dict], field: str) -> dict[str, dict[float, list[float]]]:
+    """{method: {target: [value of each seed]}} for the methods in LABELS."""
+    out: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["method"] in LABELS:
+            out[r["method"]][r["flops_reduction"]].append(r[field])
+    return out
+
+
+def plot(rows: list[dict], family: str, task: str, dense: float, path: Path) -> None:
+    fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, field in ((ax_m, "value"), (ax_s, "speedup")):
+        measured = by_method(rows, field)
+        for method in (m for m in LABELS if m in measured):
+            points = measured[method]
+            xs = sorted(points)
+            line, = ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o",
+                            label=LABELS[method])
+            for x in xs:
+                ax.scatter([x] * len(points[x]), points[x], color=line.get_color(), s=12, alpha=0.5)
+        ax.set_xlabel("FLOPs reduction (target)")
+    metric = rows[0]["metric"] if rows else "metric"
+    ax_m.axhline(dense, color="black", ls="--", lw=1, label=f"dense, zoo ({dense:g})")
+    trained = [r["value"] for r in rows if r["method"] == "dense_ft"]
+    if trained:
+        ax_m.axhline(trained[0], color="grey", ls=":", lw=1,
+                     label=f"dense, trained as long ({trained[0]:g})")
+    ax_m.set_ylabel(f"test {metric}")
+    ax_s.set_ylabel("measured speedup vs dense (same run)")
+    ax_m.set_title(f"{family} {task}: test {metric} (dots: seeds, line: mean)")
+    ax_s.set_title("latency speedup")
+    ax_m.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", required=True, help="family:task, e.g. clip:retrieval")
+    ap.add_argument("--dense", type=float, required=True, help="the build's dense metric (comp.json's dense_value)")
+    args = ap.parse_args()
+    family, task = args.task.split(":")
+    rows = build_rows(json.loads((RESULTS / "comp.json").read_text()), family, task, args.dense)
+    if not rows:
+        raise SystemExit(f"no rows for {args.task} with dense_value {args.dense} in {RESULTS / 'comp.json'}")
+    path = RESULTS / f"comp_{family}_{task}.png"
+    plot(rows, family, task, args.dense, path)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
