@@ -18,7 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from results_file import MINIVL_GENERATOR
+from results_file import GENERATOR_FIELD, MINIVL_GENERATOR
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {"comp": "CoMP", "upop": "parameters only (UPop-like)", "tokens": "tokens only (MADTP-like)",
@@ -27,7 +27,7 @@ LABELS = {"comp": "CoMP", "upop": "parameters only (UPop-like)", "tokens": "toke
 
 def build_rows(rows: list[dict], family: str, task: str, dense: float) -> list[dict]:
     """The current generator's rows of one task and zoo build."""
-    return [r for r in rows if r.get("minivl_generator", 1) == MINIVL_GENERATOR
+    return [r for r in rows if r.get(GENERATOR_FIELD, 1) == MINIVL_GENERATOR
             and (r["family"], r["task"]) == (family, task) and abs(r["dense_value"] - dense) < 1e-6]
 
 
@@ -52,7 +52,7 @@ def plot(rows: list[dict], family: str, task: str, dense: float, path: Path) -> 
             for x in xs:
                 ax.scatter([x] * len(points[x]), points[x], color=line.get_color(), s=12, alpha=0.5)
         ax.set_xlabel("FLOPs reduction (target)")
-    metric = rows[0]["metric"] if rows else "metric"
+    metric = rows[0]["metric"]
     ax_m.axhline(dense, color="black", ls="--", lw=1, label=f"dense, zoo ({dense:g})")
     trained = [r["value"] for r in rows if r["method"] == "dense_ft"]
     if trained:

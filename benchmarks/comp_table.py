@@ -50,11 +50,13 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
     comp = ROOT / "recipes" / f"comp_{family}_{task}.yaml"
     base = ROOT / "recipes" / "baselines"
     upop = base / f"upop_{family}_{task}.yaml"
+    tokens = base / f"tokens_{family}_{task}.yaml"
+    sjp = base / f"sjp_{family}_{task}.yaml"
     return {
         "comp": (comp, []),
         "upop": (upop, []),
-        "tokens": (base / f"tokens_{family}_{task}.yaml", []),
-        "sjp": (base / f"sjp_{family}_{task}.yaml", []),
+        "tokens": (tokens, []),
+        "sjp": (sjp, []),
         # control: the dense model trained as long as a search and its fine-tuning, nothing pruned
         "dense_ft": (base / f"dense_ft_{family}_{task}.yaml", []),
         # ablations (comp.md §8)
@@ -84,9 +86,8 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         # the CLIP and NLVR recipes undo stages (rollback_drop 0.1); these are without it
         "upop_no_rollback": (upop, ["passes.0.comp.rollback_drop=null"]),
         "comp_no_rollback": (comp, ["passes.0.comp.rollback_drop=null"]),
-        "tokens_no_rollback": (base / f"tokens_{family}_{task}.yaml", ["passes.0.comp.rollback_drop=null"]),
-        "sjp_no_rollback": (base / f"sjp_{family}_{task}.yaml", ["passes.0.comp.rollback_drop=null",
-                                                                 "passes.1.comp.rollback_drop=null"]),
+        "tokens_no_rollback": (tokens, ["passes.0.comp.rollback_drop=null"]),
+        "sjp_no_rollback": (sjp, ["passes.0.comp.rollback_drop=null", "passes.1.comp.rollback_drop=null"]),
         # at least half of each site's caption tokens kept, against MPS emptying the text tower
         "comp_text_floor": (comp, ["passes.0.comp.min_token_frac={language_tokens: 0.5}"]),
         # dropped tokens folded into one weighted token, as the token-only baseline does

@@ -10,6 +10,7 @@ from mmprune.context import Context
 from mmprune.data.synthetic import SyntheticParams, SyntheticSource
 from mmprune.graph import trace
 from mmprune.passes.comp import CompParams
+from mmprune.training import Trainer
 from tests.conftest import make_adapter
 
 
@@ -87,8 +88,6 @@ def test_a_stage_that_loses_too_much_is_undone(clip_ctx):
     learning rate makes some do. An undone stage leaves weights, masks, thresholds and quality as
     they were at its start; an undone token mode sits out the next stage, an undone parameter
     stage's units are never removed, and the target is still reached."""
-    from mmprune.training import Trainer
-
     p = CompParams(target=0.4, stage_quantum=0.1, k_min=2, search_steps=4, warmup_steps=2,
                    batch_size=8, eval_batch_size=16, v_sub=32, probe_set=32, lr=3e-3,
                    cost_metric="val_loss", rollback_drop=1e-6, rollback_bar=1)
@@ -137,8 +136,6 @@ def test_units_kept_by_undone_stages_are_released_to_reach_the_target(clip_ctx):
     """Parameters only, every stage that raises the loss undone: the kept units leave both modes
     exhausted short of the target; they are given back and the search ends at the target,
     without undoing stages from then on."""
-    from mmprune.training import Trainer
-
     p = CompParams(target=0.4, stage_quantum=0.1, k_min=2, search_steps=4, warmup_steps=2,
                    batch_size=8, eval_batch_size=16, v_sub=32, probe_set=32, lr=3e-3,
                    modes=["vision_params", "language_params"], cost_metric="val_loss",
