@@ -395,6 +395,16 @@ class CompSearch:
         finally:
             self._apply(plan, 0.0)      # the stage starts from the committed state
 
+    def _without_stage(self, plan: StagePlan) -> float:
+        """Quality on the validation subset of today's weights with `plan`'s cut put back (its
+        units at 1, θ at its old value): what the stage's K steps of training would have left
+        without the stage, measured in the same state, so the stage's price is its own."""
+        self._apply(plan, 0.0)
+        try:
+            return self.quality()
+        finally:
+            self._apply(plan, 1.0)
+
     def _sizes_after(self, plan: StagePlan) -> dict[str, int]:
         sizes = self._sizes()
         for gid, units in plan.units.items():
@@ -464,7 +474,8 @@ class CompSearch:
         if self.p.lookahead_calibration:
             looked["plan_prices"] = plan_prices
         # calibrated: the stage is recorded at its end (Eq. 3), which its price predicts
-        priced = damage[mode] if self.p.cost_at != "stage_end" and not self.p.lookahead_calibration else None
+        priced = (damage[mode] if self.p.cost_at not in ("stage_end", "paired")
+                  and not self.p.lookahead_calibration else None)
         return mode, why, plans[mode], priced, looked
 
     def _gaps(self, mode: str) -> list[float]:
@@ -539,10 +550,11 @@ class CompSearch:
             if plan.last and not undone:
                 self.scheduler.retire(mode)
             q_priced, f_priced = priced or (q_new, f_new)
+            q_ref = self._without_stage(plan) if p.cost_at == "paired" else q_cur
             if undone and plan.units:   # its next plan skips these units: this price is not its
-                r = self.scheduler.price(q_cur, q_priced, f_cur, f_priced, planned=plan.removes)
+                r = self.scheduler.price(q_ref, q_priced, f_cur, f_priced, planned=plan.removes)
             else:
-                r = self.scheduler.record(mode, q_cur, q_priced, f_cur, f_priced, why=why,
+                r = self.scheduler.record(mode, q_ref, q_priced, f_cur, f_priced, why=why,
                                           planned=plan.removes, theta=self._thetas())
             tried = {}
             if undone:
@@ -568,6 +580,7 @@ class CompSearch:
                                        and not guarded else {}),
                                     **({"priced_quality": q_priced, "priced_flops": f_priced}
                                        if priced else {}),
+                                    **({"paired_quality": q_ref} if p.cost_at == "paired" else {}),
                                     **looked,
                                     "removed": f_cur - f_new, "planned": plan.planned_flops,
                                     "nominal": plan.nominal,

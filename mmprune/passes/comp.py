@@ -89,9 +89,13 @@ class CompParams(PassParams):
     cost_metric: Literal["val_metric", "val_loss"] = Field("val_metric", description="Quality Q "
                                                            "of a stage: the headline validation "
                                                            "metric or −100 × validation loss.")
-    cost_at: Literal["stage_end", "plan", "lookahead"] = Field(
+    cost_at: Literal["stage_end", "paired", "plan", "lookahead"] = Field(
         "stage_end", description="When a stage's quality loss is measured: 'stage_end', after its "
-        "K training steps (Eq. 3); 'plan', with the planned units at 0 or θ at its new value "
+        "K training steps (Eq. 3); 'paired', after them too, but against the same weights with "
+        "the stage's own cut put back (its units at 1, θ at its old value) instead of the quality "
+        "the stage started from, so the training that goes on during it (an undertrained model "
+        "improving) is not credited to the stage (one more validation pass per stage); 'plan', "
+        "with the planned units at 0 or θ at its new value "
         "before any training, so a stage is not credited with training that continues (recovery "
         "from the stage before, an undertrained model improving); 'lookahead', every active "
         "mode's plan priced that way before the mode is chosen, so MPS compares this stage's "

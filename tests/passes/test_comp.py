@@ -94,6 +94,24 @@ def test_plan_pricing_measures_the_plan_before_training(write_recipe, registry, 
         assert max(gaps) > 0.1
 
 
+@pytest.mark.parametrize("lr", [1e-12, 1e-2])
+def test_paired_pricing_compares_the_stage_end_with_its_cut_put_back(write_recipe, registry,
+                                                                     tmp_path, lr):
+    report = _run(write_recipe, registry, tmp_path / "run",
+                  {"target": 0.3, "cost_at": "paired", "cost_metric": "val_loss", "lr": lr})
+    traj = report["state"]["comp"][0]["trajectory"]
+    for before, t in zip(traj, traj[1:]):
+        removed = max(before["flops"] - t["flops"], 0.5 * max(t["planned"], t["nominal"]), 1e-6)
+        assert t["r"] == pytest.approx((t["paired_quality"] - t["quality"]) / removed)
+    # without training, putting the cut back is the state the stage started from; with training
+    # the reference moves with the weights
+    gaps = [abs(t["paired_quality"] - before["quality"]) for before, t in zip(traj, traj[1:])]
+    if lr < 1e-6:
+        assert max(gaps) < 1e-3
+    else:
+        assert max(gaps) > 0.1
+
+
 def test_unknown_mode_is_a_clear_error(write_recipe, registry, tmp_path):
     from mmprune.errors import MMPruneError
     with pytest.raises(MMPruneError, match="cross_params"):
