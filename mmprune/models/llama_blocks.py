@@ -18,6 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from mmprune.models.base import AttentionSite
+from mmprune.models.kv_cache import pop_cache
 
 
 def set_query_heads(attention: nn.Module, site: AttentionSite, kept: list[int]) -> None:
@@ -51,8 +52,9 @@ def uneven_groups_forward(self, hidden_states: torch.Tensor, position_embeddings
     value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
+    cache = pop_cache(kwargs, past_key_values)   # transformers ≥ 5.24 passes it as `cache`
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
     key, value = key.index_select(1, self.kv_index), value.index_select(1, self.kv_index)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                    eager_attention_forward)

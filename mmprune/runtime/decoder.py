@@ -36,6 +36,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from mmprune.errors import MMPruneError
+from mmprune.models.kv_cache import CACHE_KWARG, pop_cache
 from mmprune.runtime import tokens as T
 from mmprune.runtime.probe import attention_probe
 from mmprune.runtime.tower import BlockControl, Observer
@@ -203,21 +204,22 @@ class DecoderTokenPruner:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
         lm = self.lm
+        cache = pop_cache(kwargs, past_key_values)   # transformers ≥ 5.24 passes it as `cache`
         if inputs_embeds is None:
             inputs_embeds = lm.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=lm.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=lm.config)
+        past = cache.get_seq_length() if cache is not None else 0
         b, n, _ = inputs_embeds.shape
         if position_ids is None:
             position_ids = (torch.arange(n, device=inputs_embeds.device) + past).unsqueeze(0)
         mask = create_causal_mask(config=lm.config, inputs_embeds=inputs_embeds,
-                                  attention_mask=attention_mask, past_key_values=past_key_values,
+                                  attention_mask=attention_mask, **{CACHE_KWARG: cache},
                                   position_ids=position_ids)
         x = inputs_embeds
         pos_emb = lm.rotary_emb(x, position_ids=position_ids)
         decoding = past > 0      # a decode step: the stages recorded at the prefill apply
-        if decoding and self._stages and (past_key_values is not self._cache or past != self._cache_len):
+        if decoding and self._stages and (cache is not self._cache or past != self._cache_len):
             raise MMPruneError("decoder token pruning: this KV cache was not filled by the last "
                                "prefill (continuing an earlier cache with a new prompt is not "
                                "supported); start generation from an empty cache")
@@ -228,7 +230,7 @@ class DecoderTokenPruner:
         if not decoding:
             self._stages, self._prefill_len = [], n
             self.last_counts = {}
-        self._cache, self._cache_len = past_key_values, past + n
+        self._cache, self._cache_len = cache, past + n
         decode_pos = position_ids       # every stage offsets the original decode positions
         site_at = {s.layer: s for s in self.sites} if dropping else {}
         stages = {st.first_layer: st for st in self._stages}
@@ -263,7 +265,7 @@ class DecoderTokenPruner:
                     self.last_counts[i] = tokens.valid.sum(1)
                 prev = (x, pos_emb)
                 x = layer(x, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
-                          past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                          use_cache=use_cache, **{CACHE_KWARG: cache}, **kwargs)
                 if observe:
                     self._observe("attention", i, self._captured.pop("head"), s, tokens)
                     pending = self._captured.pop("channel")
@@ -280,7 +282,7 @@ class DecoderTokenPruner:
                 1, rows.unsqueeze(-1).expand_as(x), x)[:, :n]
             x = full
         self._input_ids = None      # captured per call: never reused by a later one
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_KWARG: cache})
 
     # ---- prefill
     def _start(self, x: torch.Tensor, attention_mask, position_ids) -> _Tokens:

@@ -207,6 +207,7 @@ def test_ragged_drops_pad_the_batch_and_renumber_each_example():
 
 def test_a_cache_the_prefill_did_not_fill_is_refused():
     from mmprune.errors import MMPruneError
+    from mmprune.models.kv_cache import CACHE_KWARG
 
     a = make()
     b = batch(a, 2)
@@ -214,13 +215,13 @@ def test_a_cache_the_prefill_did_not_fill_is_refused():
     with torch.no_grad():
         out = a.model(input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
                       pixel_values=b["pixel_values"], use_cache=True)
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_KWARG)
         a.model(input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
                 pixel_values=b["pixel_values"], use_cache=True)      # another prefill
         step = torch.ones(2, 1, dtype=torch.long) * 5
         mask = torch.cat([b["prompt_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
         with pytest.raises(MMPruneError, match="not filled by the last prefill"):
-            a.model(input_ids=step, attention_mask=mask, past_key_values=cache, use_cache=True)
+            a.model(input_ids=step, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
 
 
 def test_bad_sites_are_clear_errors():
