@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,3 +30,14 @@ def merge_rows(path: Path, rows: list[dict], key: Sequence[str], defaults: dict 
     key = (GENERATOR_FIELD, *key)
     merged = replace_rows(old, rows, key)
     path.write_text(json.dumps(sorted(merged, key=lambda r: tuple(r[f] for f in key)), indent=1) + "\n")
+
+
+def write_timings(path: Path, rows: list[dict], **meta) -> None:
+    """Write a timing benchmark's `rows` (each run rewrites the file), with the machine and torch
+    version they were measured on and `meta`."""
+    import torch
+
+    meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, **meta}
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -10,11 +10,9 @@ timed in the same process but not interleaved with the dense model.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 from pathlib import Path
 
-import torch
+from results_file import write_timings
 
 from mmprune.pipeline import run
 from mmprune.plugins.manager import get_registry
@@ -46,10 +44,7 @@ def main() -> None:
             "dense_mb": r["baseline"]["size_bytes"] / 2**20,
             "final_mb": r["final"]["size_bytes"] / 2**20,
         })
-    meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "batch": 32}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "speedup.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_timings(HERE / "results" / "speedup.json", rows, batch=32)
     print("| FLOPs target | FLOPs cut | params cut | dense ms | pruned fp32 ms (speedup) | "
           "pruned int8 ms (speedup) | size MB dense → final |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
