@@ -40,4 +40,4 @@ def write_timings(path: Path, rows: list[dict], **meta) -> None:
     meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, **meta}
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
