@@ -92,6 +92,12 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         "sjp_no_rollback": (sjp, ["passes.0.comp.rollback_drop=null", "passes.1.comp.rollback_drop=null"]),
         # at least half of each site's caption tokens kept, against MPS emptying the text tower
         "comp_text_floor": (comp, ["passes.0.comp.min_token_frac={language_tokens: 0.5}"]),
+        # every mode but text tokens (BLIP: NLVR's statements decide the answer)
+        "comp_no_text_tokens": (comp, ["passes.0.comp.modes=[vision_params, language_params, "
+                                       "cross_params, vision_tokens]"]),
+        # every mode but image tokens (BLIP): vision FLOPs only from ViT heads and channels
+        "comp_no_vision_tokens": (comp, ["passes.0.comp.modes=[vision_params, language_params, "
+                                         "cross_params, language_tokens]"]),
         # dropped tokens folded into one weighted token, as the token-only baseline does
         "comp_merge": (comp, ["passes.0.comp.merge_dropped=fuse_one"]),
         # a mode whose next stage would remove under a quarter of a quantum is retired
