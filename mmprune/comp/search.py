@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
@@ -386,24 +386,27 @@ class CompSearch:
         for mode, (old, new) in plan.refit.items():
             self.rt.set_mode_theta(mode, old + (new - old) * frac)
 
+    @contextmanager
+    def _plan_held(self, plan: StagePlan, frac: float, then: float) -> Iterator[None]:
+        """`plan` at fraction `frac` for the body, at `then` after it, even if the body fails."""
+        self._apply(plan, frac)
+        try:
+            yield
+        finally:
+            self._apply(plan, then)
+
     def _plan_damage(self, plan: StagePlan, f0: float) -> tuple[float, float]:
         """Quality and FLOPs (fraction of dense) on the validation subset with `plan` applied in
         full to today's weights: the stage's cost before training can recover or mask it."""
-        self._apply(plan, 1.0)
-        try:
+        with self._plan_held(plan, 1.0, then=0.0):      # the stage starts from the committed state
             return self.quality(), self.measure_flops(self.v_sub, sizes=self._sizes_after(plan))[0] / f0
-        finally:
-            self._apply(plan, 0.0)      # the stage starts from the committed state
 
     def _without_stage(self, plan: StagePlan) -> float:
         """Quality on the validation subset of today's weights with `plan`'s cut put back (its
         units at 1, θ at its old value): what the stage's K steps of training would have left
         without the stage, measured in the same state, so the stage's price is its own."""
-        self._apply(plan, 0.0)
-        try:
+        with self._plan_held(plan, 0.0, then=1.0):
             return self.quality()
-        finally:
-            self._apply(plan, 1.0)
 
     def _sizes_after(self, plan: StagePlan) -> dict[str, int]:
         sizes = self._sizes()

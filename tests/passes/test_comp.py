@@ -77,13 +77,18 @@ def test_param_quantum_caps_each_parameter_stage(write_recipe, registry, tmp_pat
     assert max(t["param_share"] for t in stages) > 0.005   # the cap is what bounds them
 
 
+def _flops_removed(f_before: float, f_after: float, stage: dict) -> float:
+    """Eq. 3's denominator as the scheduler takes it: at least half the stage's plan, and ε_F."""
+    return max(f_before - f_after, 0.5 * max(stage["planned"], stage["nominal"]), 1e-6)
+
+
 @pytest.mark.parametrize("lr", [1e-12, 1e-2])
 def test_plan_pricing_measures_the_plan_before_training(write_recipe, registry, tmp_path, lr):
     report = _run(write_recipe, registry, tmp_path / "run",
                   {"target": 0.3, "cost_at": "plan", "cost_metric": "val_loss", "lr": lr})
     traj = report["state"]["comp"][0]["trajectory"]
     for before, t in zip(traj, traj[1:]):
-        removed = max(before["flops"] - t["priced_flops"], 0.5 * max(t["planned"], t["nominal"]), 1e-6)
+        removed = _flops_removed(before["flops"], t["priced_flops"], t)
         assert t["r"] == pytest.approx((before["quality"] - t["priced_quality"]) / removed)
     # the plan is priced in full: without training a stage ends exactly where it was priced;
     # with training the stage's own quality moves away from the price
@@ -101,7 +106,7 @@ def test_paired_pricing_compares_the_stage_end_with_its_cut_put_back(write_recip
                   {"target": 0.3, "cost_at": "paired", "cost_metric": "val_loss", "lr": lr})
     traj = report["state"]["comp"][0]["trajectory"]
     for before, t in zip(traj, traj[1:]):
-        removed = max(before["flops"] - t["flops"], 0.5 * max(t["planned"], t["nominal"]), 1e-6)
+        removed = _flops_removed(before["flops"], t["flops"], t)
         assert t["r"] == pytest.approx((t["paired_quality"] - t["quality"]) / removed)
     # without training, putting the cut back is the state the stage started from; with training
     # the reference moves with the weights
