@@ -82,6 +82,8 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         "comp_no_refit": (comp, ["passes.0.comp.refit_tokens=false"]),
         # stage-end pricing against the same weights with the stage's cut put back (de-trended)
         "comp_paired": (comp, ["passes.0.comp.cost_at=paired"]),
+        # a mode's cost is the median of its last five stage costs instead of Eq. 5's blend
+        "comp_median": (comp, ["passes.0.comp.cost_memory=median"]),
         "upop_plan": (upop, ["passes.0.comp.cost_at=plan"]),
         # parameters only, with the same undo of stages that lose over a tenth of their quality
         "upop_rollback": (upop, ["passes.0.comp.rollback_drop=0.1"]),

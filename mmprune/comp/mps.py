@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from dataclasses import dataclass, field
+from typing import Literal
 
 #: the canonical order: warm-up order and tie-break order
 CANONICAL = ("vision_tokens", "language_tokens", "vision_params", "language_params", "cross_params")
@@ -28,8 +30,11 @@ class ModeScheduler:
     i_max: int = 5
     seed: int = 0
     eps_flops: float = 1e-6
+    memory: Literal["ema", "median"] = "ema"
+    window: int = 5
     stage: int = 0
     cost: dict[str, float] = field(default_factory=dict)       # R_b
+    prices: dict[str, list[float]] = field(default_factory=dict)   # every r of each mode
     last: dict[str, int] = field(default_factory=dict)
     exhausted: set[str] = field(default_factory=set)
     trajectory: list[dict] = field(default_factory=list)
@@ -38,6 +43,9 @@ class ModeScheduler:
         unknown = [m for m in self.modes if m not in CANONICAL]
         if unknown:
             raise ValueError(f"unknown mode(s) {unknown}; modes are {', '.join(CANONICAL)}")
+        if self.memory not in ("ema", "median") or self.window < 1:
+            raise ValueError(f"memory is 'ema' or 'median' and window at least 1, not "
+                             f"{self.memory!r} / {self.window}")
         self.modes = [m for m in CANONICAL if m in self.modes]
         self.last = {m: 0 for m in self.modes}
         self._rng = random.Random(self.seed)
@@ -72,7 +80,16 @@ class ModeScheduler:
         return min(active, key=lambda m: (cost[m], self.modes.index(m))), "exploit"
 
     def _blend(self, mode: str, r: float) -> float:
-        """Eq. (5): `r` blended with `mode`'s history, weighted by how long ago it last ran."""
+        """Eq. (5): `r` blended with `mode`'s history, weighted by how long ago it last ran.
+
+        Deviation (memory 'median'): the median of `r` and the mode's last `window` − 1 costs.
+        One stage's r is mostly noise (a quantum's quality change on a few hundred validation
+        examples) and Eq. (5) keeps 60% or more of it, so one dear stage shuts a mode out until
+        exploration happens to pick it again; a median forgets one outlier at once.
+        """
+        if self.memory == "median":
+            return statistics.median(self.prices.get(mode, [])[-(self.window - 1):] + [r]
+                                     if self.window > 1 else [r])
         if mode not in self.cost:
             return r
         lam = history_weight(self.stage - self.last[mode], self.lambda0, self.i_max)
@@ -103,6 +120,7 @@ class ModeScheduler:
         """Eqs. (3)-(5) after a stage of `mode` (see `price`). Returns r."""
         r = self.price(q_before, q_after, f_before, f_after, planned)
         self.cost[mode] = self._blend(mode, r)
+        self.prices.setdefault(mode, []).append(r)
         self.last[mode] = self.stage
         self.trajectory.append({"stage": self.stage, "mode": mode, "r": r, "R": dict(self.cost),
                                 "quality": q_after, "flops": f_after, **log})

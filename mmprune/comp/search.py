@@ -124,7 +124,8 @@ class CompSearch:
             self.scheduler = ModeScheduler(self.modes, rho=0.0, lambda0=0.0, seed=ctx.seed)
         else:
             self.scheduler = ModeScheduler(self.modes, rho=p.rho, tau=p.tau, lambda0=p.lambda0,
-                                           i_max=p.i_max, seed=ctx.seed)
+                                           i_max=p.i_max, seed=ctx.seed, memory=p.cost_memory,
+                                           window=p.cost_window)
         self.frozen: dict[str, set[int]] = {gid: set() for gid in self.graph.groups}
         # units whose stage was undone (rollback_drop): the model needs them, later plans skip them
         self.kept: dict[str, set[int]] = {gid: set() for gid in self.graph.groups}
@@ -578,7 +579,8 @@ class CompSearch:
                 self.log(f"comp stage {self.scheduler.stage}: {mode} ({why}) FLOPs {f_cur:.3f} → "
                          f"{f_new:.3f}, quality {q_cur:.2f} → {q_new:.2f}")
             self.trajectory.append({"stage": self.scheduler.stage, "mode": mode, "why": why,
-                                    "quality": q_new, "flops": f_new, "r": r, **tried,
+                                    "quality": q_new, "flops": f_new, "r": r,
+                                    "costs": dict(self.scheduler.cost), **tried,
                                     **({"unguarded": True} if p.rollback_drop is not None
                                        and not guarded else {}),
                                     **({"priced_quality": q_priced, "priced_flops": f_priced}

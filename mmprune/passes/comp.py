@@ -42,6 +42,15 @@ class CompParams(PassParams):
     lambda0: float = Field(0.4, ge=0.0, le=1.0, description="History weight λ₀ of a mode run in the "
                            "previous stage (0: no history).")
     i_max: int = Field(5, ge=1, description="Stages after which a mode's old cost is forgotten.")
+    cost_memory: Literal["ema", "median"] = Field("ema", description="A mode's cost R: 'ema', "
+                                                  "its last stage cost blended with its history "
+                                                  "(Eq. 5, λ₀ / i_max); 'median', the median of "
+                                                  "its last `cost_window` stage costs (λ₀ and "
+                                                  "i_max unused), so one noisy dear stage does "
+                                                  "not shut the mode out until exploration "
+                                                  "picks it again.")
+    cost_window: int = Field(5, ge=1, description="With cost_memory 'median': how many of a "
+                             "mode's last stage costs its median takes.")
     cip: bool = Field(True, description="Token-weighted parameter importance (off: plain structured Wanda).")
     cit: bool = Field(True, description="Head masks scale attention maps before token scoring "
                       "(off: plain attention).")

@@ -152,3 +152,44 @@ def test_among_limits_the_choice_on_past_costs():
     s.choose(among={"language_params"}); s.record("language_params", 1.0, 0.5, 1.0, 0.98)
     # vision_tokens is fresh, but refused: the cheaper of the two allowed runs
     assert s.choose(among={"vision_params", "language_params"}) == ("language_params", "exploit")
+
+
+def _run_noisy(s: ModeScheduler, prices: dict[str, list[float]], stages: int) -> list[str]:
+    """Stages against a fake oracle whose n-th stage of a mode costs prices[mode][n]."""
+    out, n = [], Counter()
+    for _ in range(stages):
+        mode, _ = s.choose()
+        r = prices[mode][min(n[mode], len(prices[mode]) - 1)]
+        n[mode] += 1
+        out.append(mode)
+        s.record(mode, 0.0, -r * 0.02, 1.0, 0.98)
+    return out
+
+
+def test_one_dear_stage_shuts_a_mode_out_under_ema_but_not_under_median():
+    # vision_params usually costs 10, but its third stage is an outlier at 200; vision_tokens
+    # costs 50 every stage
+    prices = {"vision_params": [10, 10, 200, 10, 10, 10], "vision_tokens": [50]}
+    modes = ["vision_tokens", "vision_params"]
+    ema = _run_noisy(ModeScheduler(modes, rho=0.0), prices, 10)
+    median = _run_noisy(ModeScheduler(modes, rho=0.0, memory="median", window=5), prices, 10)
+    # warm-up, two cheap stages, the outlier: then Eq. 5 holds R at 0.4·10 + 0.6·200 = 124
+    assert ema[:4] == ["vision_tokens", "vision_params", "vision_params", "vision_params"]
+    assert ema[4:] == ["vision_tokens"] * 6
+    # the median of 10, 10, 10, 200 is 10: vision_params goes on
+    assert median == ["vision_tokens"] + ["vision_params"] * 9
+
+
+def test_median_memory_takes_the_last_window_costs():
+    s = ModeScheduler(["vision_tokens"], rho=0.0, memory="median", window=3)
+    for r in [1.0, 9.0, 5.0, 7.0]:
+        s.choose()
+        s.record("vision_tokens", 0.0, -r * 0.02, 1.0, 0.98)
+    assert s.cost["vision_tokens"] == pytest.approx(7.0)        # median of 9, 5, 7
+    assert s._blend("vision_tokens", 1.0) == pytest.approx(5.0)  # a lookahead price joins 5, 7
+    assert ModeScheduler(["vision_tokens"], memory="median", window=1)._blend("vision_tokens", 3.0) == 3.0
+
+
+def test_memory_is_ema_or_median():
+    with pytest.raises(ValueError, match="memory"):
+        ModeScheduler(MODES, memory="mean")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -49,6 +50,17 @@ def test_comp_reaches_the_target_and_exports(write_recipe, registry, tmp_path):
     assert bundle.spec["token_policy"] == spec["token_policy"]
     # the export reproduces the reported test metrics with its token pruning restored
     assert export_test_metrics(out / "model") == report["final"]["metrics"]
+
+
+def test_median_memory_prices_each_mode_by_its_last_stage_costs(write_recipe, registry, tmp_path):
+    report = _run(write_recipe, registry, tmp_path / "run",
+                  {"target": 0.5, "stage_quantum": 0.05, "cost_memory": "median",
+                   "cost_window": 3})
+    seen: dict[str, list[float]] = {}
+    for t in report["state"]["comp"][0]["trajectory"][1:]:
+        seen.setdefault(t["mode"], []).append(t["r"])
+        assert t["costs"][t["mode"]] == pytest.approx(statistics.median(seen[t["mode"]][-3:]))
+    assert max(len(v) for v in seen.values()) > 3      # some mode's median dropped a cost
 
 
 def test_param_only_mode_leaves_tokens_alone(write_recipe, registry, tmp_path):
