@@ -84,6 +84,8 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         "comp_paired": (comp, ["passes.0.comp.cost_at=paired"]),
         # a mode's cost is the median of its last five stage costs instead of Eq. 5's blend
         "comp_median": (comp, ["passes.0.comp.cost_memory=median"]),
+        # a token stage takes at most a third of what its mode has left (as parameter stages do)
+        "comp_token_share": (comp, ["passes.0.comp.token_stage_share=0.34"]),
         "upop_plan": (upop, ["passes.0.comp.cost_at=plan"]),
         # parameters only, with the same undo of stages that lose over a tenth of their quality
         "upop_rollback": (upop, ["passes.0.comp.rollback_drop=0.1"]),

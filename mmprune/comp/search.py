@@ -66,7 +66,7 @@ class StagePlan:
     planned_flops: float = 0.0                                   # fraction of dense, on the probe set
     order: list[tuple[str, int]] = field(default_factory=list)  # parameter units, weakest first
     nominal: float = 0.0        # parameter plans: the units' own FLOPs at today's token counts
-    cap: float = 1.0                                             # most a parameter stage may remove
+    cap: float = 1.0            # most a stage may remove (max_stage_share, token_stage_share)
     last: bool = False      # the mode cannot remove a whole quantum: this is its last stage
     refit: dict[str, tuple[float, float]] = field(default_factory=dict)  # token mode: (θ old, new)
 
@@ -349,23 +349,35 @@ class CompSearch:
                 r_hi = removed(hi)
             if r_hi < 0.05 * quantum:   # the floor is reached: nothing left to drop here
                 return StagePlan(mode)
-            if r_hi < 0.95 * quantum:   # what is left is less than a quantum: take it, then retire
+            goal = quantum
+            if self.p.token_stage_share < 1.0:
+                goal = self._token_goal(quantum, r_hi if hi >= cap else removed(cap))
+                lo = old if goal < quantum else lo      # capped: search θ from the old value up
+            if r_hi < 0.95 * goal:      # what is left is less than a quantum: take it, then retire
                 return StagePlan(mode, theta=(old, hi), planned_flops=r_hi, last=True)
             best, best_r = hi, r_hi
-            if r_hi > quantum * 1.05:
+            if r_hi > goal * 1.05:
                 for _ in range(20):
                     mid = (lo + hi) / 2
                     r = removed(mid)
-                    if abs(r - quantum) <= 0.05 * quantum:
+                    if abs(r - goal) <= 0.05 * goal:
                         best, best_r = mid, r
                         break
-                    if r < quantum:
+                    if r < goal:
                         lo = mid
                     else:
                         hi, best, best_r = mid, mid, r
-            return StagePlan(mode, theta=(old, best), planned_flops=best_r)
+            return StagePlan(mode, theta=(old, best), planned_flops=best_r, cap=goal)
         finally:
             self.rt.set_mode_theta(mode, old)
+
+    def _token_goal(self, quantum: float, left: float) -> float:
+        """FLOPs a token stage aims at when its mode can still remove `left`: a quantum, or
+        `token_stage_share` of what is left if less. Without it, a mode with under a quantum
+        left drops every droppable token of its tower in one stage (a caption's tokens are a
+        few percent of the FLOPs), unpriced until it has happened; capped, a tower's tokens go
+        over several stages, each priced before the next, as `max_stage_share` does for units."""
+        return min(quantum, self.p.token_stage_share * left)
 
     # ---- stages
     def _apply(self, plan: StagePlan, frac: float) -> None:

@@ -71,6 +71,13 @@ class CompParams(PassParams):
                                    "mode's remaining prunable FLOPs one stage may remove: a small "
                                    "tower is cut over several stages, so each is priced before the "
                                    "next (1: no cap).")
+    token_stage_share: float = Field(1.0, gt=0.0, le=1.0, description="Share of what a token "
+                                     "mode can still remove (every droppable token of its tower "
+                                     "dropped) one stage may remove, when that is less than a "
+                                     "quantum (1: a mode with under a quantum left drops all of "
+                                     "it in one stage, then retires; a caption's tokens are a "
+                                     "few percent of the FLOPs, so one text-token stage can "
+                                     "empty the text tower before it is priced).")
     param_quantum: float | None = Field(None, gt=0.0, le=1.0, description="Share of the dense "
                                         "model's parameters one parameter stage may remove at "
                                         "most, besides the FLOPs quantum (None: FLOPs only). Once a "

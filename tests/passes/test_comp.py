@@ -155,6 +155,24 @@ def test_a_token_floor_per_mode_keeps_that_mode_whole(write_recipe, registry, tm
     assert towers.get("language", {"theta": 0.0})["theta"] == 0.0
 
 
+def test_a_token_stage_takes_a_share_of_what_its_mode_has_left(write_recipe, registry, tmp_path):
+    def stages(share):
+        report = _run(write_recipe, registry, tmp_path / f"run{share}",
+                      {"target": 0.6, "modes": ["language_tokens"], "token_stage_share": share})
+        return report["state"]["comp"][0]["trajectory"][1:]
+
+    # without a share, once under a quantum is left one stage drops every droppable text token
+    whole = stages(1.0)
+    assert whole[-1]["last"] and whole[-1]["planned"] < whole[-1]["quantum"]
+    # with it each stage aims at a share of what is left, so the tower empties over priced stages
+    shared = stages(0.3)
+    capped = [t for t in shared if t["cap"] < t["quantum"] - 1e-9]
+    assert len(capped) >= 3 and not any(t["last"] for t in shared)
+    assert all(abs(t["planned"] - t["cap"]) <= 0.1 * t["cap"] for t in capped), capped
+    assert all(b["cap"] < a["cap"] for a, b in zip(capped, capped[1:]))
+    assert max(t["theta"]["language_tokens"] for t in shared) < whole[-1]["theta"]["language_tokens"]
+
+
 @pytest.mark.parametrize("floor, message", [({"language_tokens": 1.5}, "lies in \\[0, 1\\]"),
                                             ({"text_tokens": 0.5}, "language_tokens")])
 def test_a_bad_token_floor_is_a_clear_error(write_recipe, registry, tmp_path, floor, message):
