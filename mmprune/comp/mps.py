@@ -34,7 +34,7 @@ class ModeScheduler:
     window: int = 5
     stage: int = 0
     cost: dict[str, float] = field(default_factory=dict)       # R_b
-    prices: dict[str, list[float]] = field(default_factory=dict)   # every r of each mode
+    history: dict[str, list[float]] = field(default_factory=dict)  # every r of each mode
     last: dict[str, int] = field(default_factory=dict)
     exhausted: set[str] = field(default_factory=set)
     trajectory: list[dict] = field(default_factory=list)
@@ -76,19 +76,22 @@ class ModeScheduler:
             top = max(logits)
             weights = [math.exp(x - top) for x in logits]
             return self._rng.choices(active, weights=weights)[0], "explore"
-        cost = self.cost if prices is None else {m: self._blend(m, r) for m, r in prices.items()}
+        cost = self.cost if prices is None else {m: self._new_cost(m, r) for m, r in prices.items()}
         return min(active, key=lambda m: (cost[m], self.modes.index(m))), "exploit"
 
-    def _blend(self, mode: str, r: float) -> float:
+    def _new_cost(self, mode: str, r: float) -> float:
         """Eq. (5): `r` blended with `mode`'s history, weighted by how long ago it last ran.
 
         Deviation (memory 'median'): the median of `r` and the mode's last `window` − 1 costs.
         One stage's r is mostly noise (a quantum's quality change on a few hundred validation
         examples) and Eq. (5) keeps 60% or more of it, so one dear stage shuts a mode out until
-        exploration happens to pick it again; a median forgets one outlier at once.
+        exploration happens to pick it again; a median of three or more costs ignores one
+        outlier. Of two (or any even count) it is the mean of the middle pair, so a mode's
+        second stage still moves its cost halfway; and a median forgets by count, not by age
+        (i_max does not apply).
         """
         if self.memory == "median":
-            return statistics.median(self.prices.get(mode, [])[-(self.window - 1):] + [r]
+            return statistics.median(self.history.get(mode, [])[-(self.window - 1):] + [r]
                                      if self.window > 1 else [r])
         if mode not in self.cost:
             return r
@@ -119,8 +122,8 @@ class ModeScheduler:
                planned: float = 0.0, **log) -> float:
         """Eqs. (3)-(5) after a stage of `mode` (see `price`). Returns r."""
         r = self.price(q_before, q_after, f_before, f_after, planned)
-        self.cost[mode] = self._blend(mode, r)
-        self.prices.setdefault(mode, []).append(r)
+        self.cost[mode] = self._new_cost(mode, r)
+        self.history.setdefault(mode, []).append(r)
         self.last[mode] = self.stage
         self.trajectory.append({"stage": self.stage, "mode": mode, "r": r, "R": dict(self.cost),
                                 "quality": q_after, "flops": f_after, **log})

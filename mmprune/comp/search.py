@@ -331,7 +331,11 @@ class CompSearch:
 
     def plan_tokens(self, mode: str, quantum: float, f_now: float, f0: float,
                     counts: dict[str, torch.Tensor]) -> StagePlan:
-        """Bisection on θ so that the probe set's mean FLOPs fall by quantum ± 5%."""
+        """Bisection on θ so that the probe set's mean FLOPs fall by a quantum ± 5% (§5.1).
+
+        Deviation (`token_stage_share` < 1): by min(quantum, share × what the mode can still
+        remove) ± 5%; see `_token_goal`.
+        """
         tower = self.token_modes[mode]
         # |Cand|·S ≥ θ fails for every candidate once θ exceeds the token count: no use going higher
         cap = 1.0 + max(float(c.max()) for c in self._tower_counts(counts, tower))
@@ -350,10 +354,11 @@ class CompSearch:
             if r_hi < 0.05 * quantum:   # the floor is reached: nothing left to drop here
                 return StagePlan(mode)
             goal = quantum
-            if self.p.token_stage_share < 1.0:
+            if self.p.token_stage_share * r_hi < quantum:   # else a quantum is the smaller
                 goal = self._token_goal(quantum, r_hi if hi >= cap else removed(cap))
                 lo = old if goal < quantum else lo      # capped: search θ from the old value up
-            if r_hi < 0.95 * goal:      # what is left is less than a quantum: take it, then retire
+            if r_hi < 0.95 * goal or (goal < quantum and hi >= cap and r_hi <= 1.05 * goal):
+                # what is left is less than a quantum (or, capped, about a goal): take it, retire
                 return StagePlan(mode, theta=(old, hi), planned_flops=r_hi, last=True)
             best, best_r = hi, r_hi
             if r_hi > goal * 1.05:

@@ -48,7 +48,10 @@ class CompParams(PassParams):
                                                   "its last `cost_window` stage costs (λ₀ and "
                                                   "i_max unused), so one noisy dear stage does "
                                                   "not shut the mode out until exploration "
-                                                  "picks it again.")
+                                                  "picks it again (from a mode's third stage: "
+                                                  "of two costs the median is their mean). It "
+                                                  "forgets by count, not age. Unused under "
+                                                  "schedule 'round_robin'.")
     cost_window: int = Field(5, ge=1, description="With cost_memory 'median': how many of a "
                              "mode's last stage costs its median takes.")
     cip: bool = Field(True, description="Token-weighted parameter importance (off: plain structured Wanda).")
@@ -71,13 +74,15 @@ class CompParams(PassParams):
                                    "mode's remaining prunable FLOPs one stage may remove: a small "
                                    "tower is cut over several stages, so each is priced before the "
                                    "next (1: no cap).")
-    token_stage_share: float = Field(1.0, gt=0.0, le=1.0, description="Share of what a token "
-                                     "mode can still remove (every droppable token of its tower "
-                                     "dropped) one stage may remove, when that is less than a "
-                                     "quantum (1: a mode with under a quantum left drops all of "
-                                     "it in one stage, then retires; a caption's tokens are a "
-                                     "few percent of the FLOPs, so one text-token stage can "
-                                     "empty the text tower before it is priced).")
+    token_stage_share: float = Field(1.0, ge=0.1, le=1.0, description="A token stage aims at "
+                                     "min(quantum, this share × what its mode can still remove, "
+                                     "every droppable token of its tower dropped). 1: a mode with "
+                                     "under a quantum left drops all of it in one unpriced jump, "
+                                     "then retires (a caption's tokens are a few percent of the "
+                                     "FLOPs, so one stage can empty the text tower). Below 1 the "
+                                     "mode's last stages shrink geometrically, each priced before "
+                                     "the next, until under 5% of a quantum is left; `retire_below` "
+                                     "ends that tail of small, noisily priced stages sooner.")
     param_quantum: float | None = Field(None, gt=0.0, le=1.0, description="Share of the dense "
                                         "model's parameters one parameter stage may remove at "
                                         "most, besides the FLOPs quantum (None: FLOPs only). Once a "

@@ -176,7 +176,7 @@ def test_one_dear_stage_shuts_a_mode_out_under_ema_but_not_under_median():
     # warm-up, two cheap stages, the outlier: then Eq. 5 holds R at 0.4·10 + 0.6·200 = 124
     assert ema[:4] == ["vision_tokens", "vision_params", "vision_params", "vision_params"]
     assert ema[4:] == ["vision_tokens"] * 6
-    # the median of 10, 10, 10, 200 is 10: vision_params goes on
+    # the median of 10, 10, 200 is 10: vision_params goes on
     assert median == ["vision_tokens"] + ["vision_params"] * 9
 
 
@@ -186,10 +186,24 @@ def test_median_memory_takes_the_last_window_costs():
         s.choose()
         s.record("vision_tokens", 0.0, -r * 0.02, 1.0, 0.98)
     assert s.cost["vision_tokens"] == pytest.approx(7.0)        # median of 9, 5, 7
-    assert s._blend("vision_tokens", 1.0) == pytest.approx(5.0)  # a lookahead price joins 5, 7
-    assert ModeScheduler(["vision_tokens"], memory="median", window=1)._blend("vision_tokens", 3.0) == 3.0
+    assert s._new_cost("vision_tokens", 1.0) == pytest.approx(5.0)  # a lookahead price joins 5, 7
+
+
+def test_a_median_of_two_costs_is_their_mean_and_of_one_the_cost_itself():
+    def costs(window, rs):
+        s = ModeScheduler(["vision_tokens"], rho=0.0, memory="median", window=window)
+        for r in rs:
+            s.choose()
+            s.record("vision_tokens", 0.0, -r * 0.02, 1.0, 0.98)
+        return s.cost["vision_tokens"]
+
+    assert costs(5, [10.0, 200.0]) == pytest.approx(105.0)   # too few costs to ignore one
+    assert costs(5, [10.0, 200.0, 10.0]) == pytest.approx(10.0)
+    assert costs(1, [10.0, 200.0, 3.0]) == pytest.approx(3.0)  # window 1: the last cost alone
 
 
 def test_memory_is_ema_or_median():
     with pytest.raises(ValueError, match="memory"):
         ModeScheduler(MODES, memory="mean")
+    with pytest.raises(ValueError, match="window at least 1"):
+        ModeScheduler(MODES, memory="median", window=0)
