@@ -13,12 +13,13 @@ same. Numbers are test metrics of the exported model; FLOPs reductions are the a
 over the test split; speedups are median latencies of the dense and pruned models timed
 interleaved in the same run. LLaVA's token-only methods (PDrop, FastV) take their targets as
 reductions of the decoder's prefill FLOPs (`flops_scope: decoder`), with the whole model's
-beside. Rows go to benchmarks/results/comp.json (one per family, task, method, ratio and dense
-value, so a rebuilt zoo adds rows; a rerun replaces its rows) and a markdown table is printed.
+beside. Rows go to benchmarks/results/comp.json (one per family, task, method, ratio, seed and
+zoo build, so a rebuilt zoo adds rows; a rerun replaces its rows) and a markdown table is printed.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from mmprune.errors import MMPruneError
 from mmprune.pipeline import run
 from mmprune.plugins.manager import get_registry
 from mmprune.recipe import load_recipe
+from mmprune.zoo.build import zoo_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "comp.json"
@@ -127,6 +129,12 @@ def targets(method: str, ratio: float) -> list[str]:
     return [f"passes.0.comp.target={ratio}"]
 
 
+def zoo_build(name: str | None) -> str:
+    """The zoo model's build: a hash of its manifest (training time, loss curve, machine), so
+    two builds whose dense test metric rounds alike are kept apart in the results file."""
+    return hashlib.sha256((zoo_dir(name) / "manifest.json").read_bytes()).hexdigest()[:12] if name else "-"
+
+
 def run_one(family: str, task: str, method: str, ratio: float, seed: int = 0) -> dict:
     recipe, extra = methods(family, task)[method]
     reg = get_registry()
@@ -139,6 +147,7 @@ def run_one(family: str, task: str, method: str, ratio: float, seed: int = 0) ->
            "achieved_flops_reduction": round(report["ratios"]["flops_reduction"], 4),
            "metric": head, "value": round(report["final"]["metrics"][head], 2),
            "dense_value": round(report["baseline"]["metrics"][head], 2),
+           "zoo_build": zoo_build(rec.model.zoo),
            "speedup": round(report["ratios"]["speedup"], 3),
            "params_reduction": round(report["ratios"]["params_reduction"], 4),
            "seconds": round(time.perf_counter() - t0, 1)}
@@ -181,10 +190,11 @@ def _param_quantum(report: dict) -> float | None:
 
 
 def save(rows: list[dict]) -> None:
-    # dense_value in the key: a rebuilt zoo (another machine, another dense model) adds rows;
-    # rows from before seeds were recorded ran the recipes' seed, 0
-    merge_rows(RESULTS, rows, ("family", "task", "method", "flops_reduction", "dense_value", "seed"),
-               defaults={"seed": 0})
+    # the zoo build in the key: a rebuilt zoo (another machine, another dense model) adds rows,
+    # even where its dense metric rounds as an earlier build's did. Rows from before builds were
+    # recorded are told apart by dense_value only; rows from before seeds were, ran seed 0
+    merge_rows(RESULTS, rows, ("family", "task", "method", "flops_reduction", "dense_value",
+                               "zoo_build", "seed"), defaults={"seed": 0, "zoo_build": "-"})
 
 
 def table(rows: list[dict]) -> str:
