@@ -91,8 +91,7 @@ class ModeScheduler:
         (i_max does not apply).
         """
         if self.memory == "median":
-            return statistics.median(self.history.get(mode, [])[-(self.window - 1):] + [r]
-                                     if self.window > 1 else [r])
+            return statistics.median((self.history.get(mode, []) + [r])[-self.window:])
         if mode not in self.cost:
             return r
         lam = history_weight(self.stage - self.last[mode], self.lambda0, self.i_max)

@@ -58,6 +58,15 @@ def has_decoder_llm(adapter) -> bool:
     return True
 
 
+def stage_cap(quantum: float, share: float, left: float) -> float:
+    """What one stage of a mode that can still remove `left` may remove: a quantum, or `share`
+    of what is left if less (`max_stage_share` for units, `token_stage_share` for tokens).
+    Uncapped, a mode with under a quantum left takes all of it in one stage (a caption's tokens
+    are a few percent of the FLOPs), priced only once it has happened; capped, a tower's last
+    units or tokens go over several stages, each priced before the next."""
+    return min(quantum, share * left)
+
+
 @dataclass
 class StagePlan:
     mode: str
@@ -225,7 +234,7 @@ class CompSearch:
                        if g.tower == tower)
         # one stage never takes most of what a tower has left: the cost of the next cut is
         # measured before it is made (a 5% quantum can be most of a token-pruned text tower)
-        cap = min(quantum, self.p.max_stage_share * prunable)
+        cap = stage_cap(quantum, self.p.max_stage_share, prunable)
         # units whose tokens are mostly gone cost little FLOPs each: a parameter quantum keeps a
         # stage from taking hundreds of them because the FLOPs quantum would allow it
         param_cap = math.inf if self.p.param_quantum is None else self.p.param_quantum * self._p0
@@ -334,7 +343,7 @@ class CompSearch:
         """Bisection on θ so that the probe set's mean FLOPs fall by a quantum ± 5% (§5.1).
 
         Deviation (`token_stage_share` < 1): by min(quantum, share × what the mode can still
-        remove) ± 5%; see `_token_goal`.
+        remove) ± 5%; see `stage_cap`.
         """
         tower = self.token_modes[mode]
         # |Cand|·S ≥ θ fails for every candidate once θ exceeds the token count: no use going higher
@@ -355,7 +364,8 @@ class CompSearch:
                 return StagePlan(mode)
             goal = quantum
             if self.p.token_stage_share * r_hi < quantum:   # else a quantum is the smaller
-                goal = self._token_goal(quantum, r_hi if hi >= cap else removed(cap))
+                goal = stage_cap(quantum, self.p.token_stage_share,
+                                 r_hi if hi >= cap else removed(cap))
                 lo = old if goal < quantum else lo      # capped: search θ from the old value up
             if r_hi < 0.95 * goal or (goal < quantum and hi >= cap and r_hi <= 1.05 * goal):
                 # what is left is less than a quantum (or, capped, about a goal): take it, retire
@@ -375,14 +385,6 @@ class CompSearch:
             return StagePlan(mode, theta=(old, best), planned_flops=best_r, cap=goal)
         finally:
             self.rt.set_mode_theta(mode, old)
-
-    def _token_goal(self, quantum: float, left: float) -> float:
-        """FLOPs a token stage aims at when its mode can still remove `left`: a quantum, or
-        `token_stage_share` of what is left if less. Without it, a mode with under a quantum
-        left drops every droppable token of its tower in one stage (a caption's tokens are a
-        few percent of the FLOPs), unpriced until it has happened; capped, a tower's tokens go
-        over several stages, each priced before the next, as `max_stage_share` does for units."""
-        return min(quantum, self.p.token_stage_share * left)
 
     # ---- stages
     def _apply(self, plan: StagePlan, frac: float) -> None:
