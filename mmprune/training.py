@@ -64,6 +64,22 @@ def batch_stream(ctx: Context, split: str, batch_size: int, seed: int) -> Iterat
         epoch += 1
 
 
+def dense_teacher(ctx: Context, kd_weight: float, pass_name: str) -> Adapter | None:
+    """The dense model, in eval mode, to distil from when `kd_weight` > 0 (else None). It is
+    loaded afresh, so no mask, threshold or removal a pass applied to `ctx.adapter` reaches it."""
+    if kd_weight <= 0:
+        return None
+    if ctx.load_dense is None:
+        from mmprune.errors import MMPruneError
+        raise MMPruneError(f"{pass_name}: distillation (kd_weight {kd_weight}) needs the dense "
+                           f"model, which this run cannot load; set kd_weight: 0")
+    teacher = ctx.load_dense()
+    teacher.model.eval()
+    for param in teacher.model.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher ‖ student) on softened logits, scaled by T² (Hinton et al.)."""
     t = temperature

@@ -10,7 +10,7 @@ from mmprune.comp.plots import plot_trajectory
 from mmprune.comp.search import CompSearch
 from mmprune.context import Context
 from mmprune.passes.base import FitSplit, Pass, PassParams, at_least_one
-from mmprune.training import Trainer, is_main
+from mmprune.training import Trainer, dense_teacher, is_main
 
 Mode = Literal["vision_tokens", "language_tokens", "vision_params", "language_params", "cross_params"]
 TokenMode = Literal["vision_tokens", "language_tokens"]
@@ -34,6 +34,10 @@ class CompParams(PassParams):
     warmup_steps: int | None = Field(None, ge=0, description="Steps that only collect importance "
                                      "statistics before the first stage (default: K).")
     lr: float = Field(1e-5, gt=0.0, description="AdamW learning rate (cosine to 0 over the search).")
+    kd_weight: float = Field(0.0, ge=0.0, description="Weight of distillation from the dense "
+                             "model in the search's training steps (0: task loss only). Stages "
+                             "are still priced by the task's validation quality.")
+    kd_temperature: float = Field(1.0, gt=0.0, description="Softmax temperature of that distillation.")
     weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay on weight matrices.")
     batch_size: int = Field(32, ge=2, description="Training batch size.")
     eval_batch_size: int = Field(64, ge=1, description="Batch size of the validation subset and probe set.")
@@ -199,8 +203,11 @@ class Comp(Pass):
     def run(self, ctx: Context) -> None:
         p = self.params
 
+        teacher = dense_teacher(ctx, p.kd_weight, "comp")
+
         def trainer(total: int) -> Trainer:
-            return Trainer(ctx.adapter, ctx.task, total, p.lr, p.weight_decay)
+            return Trainer(ctx.adapter, ctx.task, total, p.lr, p.weight_decay, teacher=teacher,
+                           kd_weight=p.kd_weight, kd_temperature=p.kd_temperature)
 
         search = CompSearch(ctx, p, log=ctx.log)
         result = search.run(trainer)

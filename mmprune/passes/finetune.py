@@ -8,11 +8,10 @@ from itertools import islice
 from pydantic import Field
 
 from mmprune.context import Context
-from mmprune.errors import MMPruneError
 from mmprune.measure import flops_stats, group_token_counts, headline, measure
 from mmprune.passes.base import FitSplit, Pass, PassParams
 from mmprune.runtime.runtime import TokenRuntime, runtime_of
-from mmprune.training import Trainer, batch_stream
+from mmprune.training import Trainer, batch_stream, dense_teacher
 
 
 class FinetuneParams(PassParams):
@@ -55,12 +54,7 @@ class Finetune(Pass):
 
     def run(self, ctx: Context) -> None:
         p = self.params
-        teacher = None
-        if p.kd_weight > 0:
-            if ctx.load_dense is None:
-                raise MMPruneError("finetune: distillation needs the dense model, which this run cannot load")
-            teacher = ctx.load_dense()
-            teacher.model.eval()
+        teacher = dense_teacher(ctx, p.kd_weight, "finetune")
         trainer = Trainer(ctx.adapter, ctx.task, p.steps, p.lr, p.weight_decay, p.warmup,
                           teacher=teacher, kd_weight=p.kd_weight, kd_temperature=p.kd_temperature)
         limit, tower = (p.max_flops, None) if p.max_flops is not None else _comp_limit(ctx)

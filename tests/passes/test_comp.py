@@ -5,6 +5,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from mmprune.pipeline import run
 from mmprune.recipe import load_recipe
@@ -61,6 +62,22 @@ def test_median_memory_prices_each_mode_by_its_last_stage_costs(write_recipe, re
         seen.setdefault(t["mode"], []).append(t["r"])
         assert t["costs"][t["mode"]] == pytest.approx(statistics.median(seen[t["mode"]][-3:]))
     assert max(len(v) for v in seen.values()) > 3      # some mode's median dropped a cost
+
+
+def test_the_search_trains_against_the_dense_teacher(ctx):
+    from mmprune.passes.comp import Comp, CompParams
+    from tests.conftest import clone
+
+    teacher = clone(ctx.adapter)
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    asked = []
+    logits = teacher.distill_logits
+    teacher.distill_logits = lambda batch: asked.append(len(batch["input_ids"])) or logits(batch)
+    ctx.load_dense = lambda: teacher
+    Comp(CompParams(**{**FAST, "target": 0.2, "v_sub": 16, "probe_set": 16}, kd_weight=1.0)).run(ctx)
+    steps = sum(1 for t in ctx.state["comp"][0]["trajectory"] if t["mode"]) * FAST["k_min"]
+    assert len(asked) >= FAST["warmup_steps"] + steps     # every training step consulted it
+    assert all(torch.equal(before[k], v) for k, v in teacher.model.state_dict().items())
 
 
 def test_param_only_mode_leaves_tokens_alone(write_recipe, registry, tmp_path):
