@@ -110,6 +110,15 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         "comp_retire": (comp, ["passes.0.comp.retire_below=0.25"]),
         # a stage that loses more than a tenth of its starting quality is undone
         "comp_rollback": (comp, ["passes.0.comp.rollback_drop=0.1"]),
+        # a tighter bar: a stage that adds over 5% to the validation loss is undone
+        "comp_rollback05": (comp, ["passes.0.comp.rollback_drop=0.05"]),
+        "upop_rollback05": (upop, ["passes.0.comp.rollback_drop=0.05"]),
+        # fine-tuning distilled from the dense model (KL on its logits, weight 1), same steps
+        "comp_kd": (comp, ["passes.1.finetune.kd_weight=1.0"]),
+        "upop_kd": (upop, ["passes.1.finetune.kd_weight=1.0"]),
+        # distilled in the search's training steps too
+        "comp_kd_search": (comp, ["passes.0.comp.kd_weight=1.0", "passes.1.finetune.kd_weight=1.0"]),
+        "upop_kd_search": (upop, ["passes.0.comp.kd_weight=1.0", "passes.1.finetune.kd_weight=1.0"]),
     }
 
 
@@ -170,7 +179,9 @@ def run_one(family: str, task: str, method: str, ratio: float, seed: int = 0) ->
             # the search schedule, so rows measured under different recipes are not confused
             "schedule": f"quantum {cp['stage_quantum']}, K {cp['k_min']}, {cp['cost_metric']}"
                         + (f", param quantum {pq}" if (pq := _param_quantum(report)) else "")
-                        + (f", rollback {cp['rollback_drop']}" if cp.get("rollback_drop") else "")}
+                        + (f", rollback {cp['rollback_drop']}" if cp.get("rollback_drop") else "")
+                        + "".join(f", {spec.name} distilled {spec.params.kd_weight}" for spec in rec.passes
+                                  if getattr(spec.params, "kd_weight", 0))}
 
 
 def _comp_summary(report: dict) -> dict:
