@@ -64,8 +64,9 @@ def test_median_memory_prices_each_mode_by_its_last_stage_costs(write_recipe, re
     assert max(len(v) for v in seen.values()) > 3      # some mode's median dropped a cost
 
 
-def test_the_search_trains_against_the_dense_teacher(ctx):
+def test_the_search_trains_against_the_dense_teacher(ctx, monkeypatch):
     from mmprune.passes.comp import Comp, CompParams
+    from mmprune.training import Trainer
     from tests.conftest import clone
 
     teacher = clone(ctx.adapter)
@@ -74,7 +75,12 @@ def test_the_search_trains_against_the_dense_teacher(ctx):
     logits = teacher.distill_logits
     teacher.distill_logits = lambda batch: asked.append(len(batch["input_ids"])) or logits(batch)
     ctx.load_dense = lambda: teacher
-    Comp(CompParams(**{**FAST, "target": 0.2, "v_sub": 16, "probe_set": 16}, kd_weight=1.0)).run(ctx)
+    built = []
+    monkeypatch.setattr("mmprune.passes.comp.Trainer",
+                        lambda *a, **k: built.append(k) or Trainer(*a, **k))
+    Comp(CompParams(**{**FAST, "target": 0.2, "v_sub": 16, "probe_set": 16}, kd_weight=0.5,
+                    kd_temperature=2.0)).run(ctx)
+    assert [(k["teacher"], k["kd_weight"], k["kd_temperature"]) for k in built] == [(teacher, 0.5, 2.0)]
     steps = sum(1 for t in ctx.state["comp"][0]["trajectory"] if t["mode"]) * FAST["k_min"]
     assert len(asked) >= FAST["warmup_steps"] + steps     # every training step consulted it
     assert all(torch.equal(before[k], v) for k, v in teacher.model.state_dict().items())
