@@ -29,7 +29,7 @@ from mmprune.errors import MMPruneError
 from mmprune.pipeline import run
 from mmprune.plugins.manager import get_registry
 from mmprune.recipe import load_recipe
-from mmprune.zoo.build import zoo_dir
+from mmprune.zoo.build import MANIFEST, zoo_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "comp.json"
@@ -141,7 +141,7 @@ def targets(method: str, ratio: float) -> list[str]:
 def zoo_build(name: str | None) -> str:
     """The zoo model's build: a hash of its manifest (training time, loss curve, machine), so
     two builds whose dense test metric rounds alike are kept apart in the results file."""
-    return hashlib.sha256((zoo_dir(name) / "manifest.json").read_bytes()).hexdigest()[:12] if name else "-"
+    return hashlib.sha256((zoo_dir(name) / MANIFEST).read_bytes()).hexdigest()[:12] if name else "-"
 
 
 def run_one(family: str, task: str, method: str, ratio: float, seed: int = 0) -> dict:

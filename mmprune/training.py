@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mmprune.context import Context
 from mmprune.data.batching import collate_rows
+from mmprune.errors import MMPruneError
 from mmprune.models.base import Adapter
 from mmprune.sparsity.masks import apply_masks
 
@@ -53,7 +54,6 @@ def batch_stream(ctx: Context, split: str, batch_size: int, seed: int) -> Iterat
     rank, size = world()
     ds = ctx.examples(split)
     if len(ds) < batch_size:
-        from mmprune.errors import MMPruneError
         raise MMPruneError(f"split '{split}' has {len(ds)} examples, fewer than one batch of {batch_size}")
     epoch = 0
     while True:
@@ -70,7 +70,6 @@ def dense_teacher(ctx: Context, kd_weight: float, pass_name: str) -> Adapter | N
     if kd_weight <= 0:
         return None
     if ctx.load_dense is None:
-        from mmprune.errors import MMPruneError
         raise MMPruneError(f"{pass_name}: distillation (kd_weight {kd_weight}) needs the dense "
                            f"model, which this run cannot load; set kd_weight: 0")
     teacher = ctx.load_dense()
