@@ -198,18 +198,22 @@ def zoo() -> None:
 @user_errors
 def zoo_list():
     """List zoo models, whether each is built, and its dense test metrics."""
-    from mmprune.zoo.build import is_built, read_manifest, zoo_dir
+    from mmprune.zoo.build import is_built, read_manifest, stale_warning, zoo_dir
     from mmprune.zoo.catalog import CATALOG
 
     for name, e in CATALOG.items():
+        stale = None
         if is_built(name):
             m = read_manifest(name)
             test = ", ".join(f"{k} {v:.1f}" for k, v in m["metrics"]["test"].items())
             state = f"built ({zoo_dir(name)}): test {test}"
+            stale = stale_warning(name)
         else:
             state = "not built"
         click.echo(f"{name}  [{e.family}, MiniVL {e.task}]  {state}")
         click.echo(f"    {e.description}")
+        if stale:
+            click.echo(f"    stale: {stale}")
 
 
 @zoo.command("build")
@@ -219,11 +223,13 @@ def zoo_list():
 @user_errors
 def zoo_build(names, force, quiet):
     """Train zoo models NAMES (default: all) into the cache ($MMPRUNE_CACHE or ~/.cache/mmprune)."""
-    from mmprune.zoo.build import build, entry
+    from mmprune.zoo.build import build, entry, is_built, stale_warning
     from mmprune.zoo.catalog import CATALOG
 
     for name in names or tuple(CATALOG):
         entry(name)
+        if not force and is_built(name) and (stale := stale_warning(name)):
+            click.echo(f"warning: {stale}", err=True)      # kept, not rebuilt
         out = build(name, force=force, progress=not quiet, log=lambda m: click.echo(m, err=True))
         click.echo(f"{name}: {out}")
 

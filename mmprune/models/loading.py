@@ -98,10 +98,12 @@ def load_model(spec, registry: Registry, seed: int, log=_stderr) -> tuple[Adapte
         model.set_attn_implementation(spec.attn_implementation)
         return cls(model, *cls.default_processors(model)), None
     if kind == "zoo":
-        from mmprune.zoo.build import build, is_built, zoo_dir
+        from mmprune.zoo.build import build, is_built, stale_warning, zoo_dir
         if not is_built(value):
             log(f"zoo model '{value}' is not built yet: training it now (once; cached in {zoo_dir(value)})")
             build(value, log=log)
+        elif stale := stale_warning(value):
+            log(f"warning: {stale}")
         return _from_pretrained(str(zoo_dir(value)), registry, spec.attn_implementation, "zoo model"), None
     if kind == "path" and not os.path.isdir(value):
         raise ModelLoadError(f"model path '{value}' does not exist or is not a directory.")

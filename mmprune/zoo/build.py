@@ -51,6 +51,24 @@ def read_manifest(name: str) -> dict:
     return json.loads((zoo_dir(name) / MANIFEST).read_text())
 
 
+def stale_fields(name: str) -> list[str]:
+    """Catalog fields of `name` (its description aside) that differ from those its cached build
+    was trained with: the cache keeps a model until it is rebuilt, whatever the catalog says now."""
+    built = read_manifest(name).get("entry", {})
+    now = json.loads(json.dumps(asdict(entry(name))))     # tuples as the manifest's lists
+    return [k for k, v in now.items() if k != "description" and built.get(k) != v]
+
+
+def stale_warning(name: str) -> str | None:
+    """What to tell a user about to use a stale build of `name`, or None when it is current."""
+    fields = stale_fields(name)
+    if not fields:
+        return None
+    return (f"zoo model '{name}' was built from an older catalog entry (it differs in "
+            f"{', '.join(fields)}); `mmprune zoo build {name} --force` rebuilds it, and results "
+            f"measured on it then change")
+
+
 def evaluate_split(adapter, ds, task: str, batch_size: int = 128) -> dict[str, float]:
     with torch.inference_mode():
         return adapter.evaluate(iterate_batches(adapter, ds, batch_size), task)

@@ -76,7 +76,9 @@ CATALOG: dict[str, ZooEntry] = {e.name: e for e in [
                          "MiniVL retrieval, evaluated by ITC then ITM re-ranking of the top 8",
              init_from="clip-minivl", init_convert="clip_vision_to_blip",
              init_map={"vision_model.": "vision_model.", "vision_proj.": "vision_proj."}),
-    ZooEntry("blip-minivl-nlvr", "blip", "nlvr", _blip_config(128, 4, 4), steps=600,
+    # 1200 steps: at 600 its loss was still falling and 1000 more steps of plain training took
+    # test accuracy from 69.8 to 86.0, so pruned models that train on gained more than they lost
+    ZooEntry("blip-minivl-nlvr", "blip", "nlvr", _blip_config(128, 4, 4), steps=1200,
              batch_size=48, lr=5e-4,
              description="BlipForImageTextRetrieval on MiniVL nlvr, fine-tuned from blip-minivl: "
                          "each image in a ViT pass and a fused pass of its own (65 vision tokens "

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from mmprune.data.minivl.source import MiniVLParams, load_task
 from mmprune.plugins.manager import get_registry
-from mmprune.zoo.build import MANIFEST, build, evaluate_split, is_built, zoo_dir
+from mmprune.zoo.build import MANIFEST, build, evaluate_split, is_built, stale_fields, zoo_dir
 from mmprune.zoo.catalog import CATALOG
 
 # each entry's own learning rate; 120 steps of 32 over 256 examples is enough to learn at it
@@ -94,3 +96,33 @@ def test_build_is_cached_and_not_repeated(smoke_builds, tmp_path):
     build(name, override=SMOKE, directory=smoke_builds[name], progress=False, log=lambda m: None)
     assert (smoke_builds[name] / MANIFEST).stat().st_mtime_ns == before
     assert not is_built(name) and str(zoo_dir(name)).startswith(str(tmp_path.parents[2]))
+
+
+def test_a_build_from_an_older_catalog_entry_is_flagged(smoke_builds, tmp_path, monkeypatch):
+    """The cache keeps a model whatever the catalog says now: `zoo list` and loading say so."""
+    from click.testing import CliRunner
+
+    from mmprune.cli import main
+    from mmprune.models.loading import load_model
+    from mmprune.recipe import ModelSpec
+
+    monkeypatch.setenv("MMPRUNE_CACHE", str(tmp_path))     # not the session's cache
+    name = "blip-minivl-nlvr"
+    shutil.copytree(smoke_builds[name], zoo_dir(name))
+    assert set(stale_fields(name)) == set(SMOKE) | {"init_from"}     # a smoke build, reduced
+    manifest = zoo_dir(name) / MANIFEST
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "entry": json.loads(json.dumps(asdict(CATALOG[name])))}))
+    assert stale_fields(name) == []
+    monkeypatch.setitem(CATALOG, name, replace(CATALOG[name], steps=CATALOG[name].steps + 1,
+                                               description="reworded, not retrained"))
+    assert stale_fields(name) == ["steps"]
+
+    listed = CliRunner().invoke(main, ["zoo", "list"]).output
+    assert f"stale: zoo model '{name}' was built from an older catalog entry (it differs in steps)" in listed
+    assert f"mmprune zoo build {name} --force" in listed
+    kept = CliRunner().invoke(main, ["zoo", "build", name, "--quiet"])     # not rebuilt, but said
+    assert kept.exit_code == 0 and "warning: zoo model" in kept.output and str(zoo_dir(name)) in kept.output
+    logs = []
+    adapter, _ = load_model(ModelSpec(zoo=name), get_registry(), 0, log=logs.append)
+    assert adapter is not None and any(line.startswith("warning: zoo model") for line in logs), logs
