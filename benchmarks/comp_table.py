@@ -86,6 +86,8 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         "comp_paired": (comp, ["passes.0.comp.cost_at=paired"]),
         # a mode's cost is the median of its last five stage costs instead of Eq. 5's blend
         "comp_median": (comp, ["passes.0.comp.cost_memory=median"]),
+        # exploration every 1/ρ-th choice instead of with probability ρ (seed 0: none in 25 stages)
+        "comp_stride": (comp, ["passes.0.comp.exploration=stride"]),
         # a token stage takes at most a third of what its mode has left (as parameter stages do)
         "comp_token_share": (comp, ["passes.0.comp.token_stage_share=0.34"]),
         "upop_plan": (upop, ["passes.0.comp.cost_at=plan"]),

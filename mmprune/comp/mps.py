@@ -32,6 +32,8 @@ class ModeScheduler:
     eps_flops: float = 1e-6
     memory: Literal["ema", "median"] = "ema"
     window: int = 5
+    exploration: Literal["random", "stride"] = "random"
+    picks: int = 0                                               # choices after the warm-up
     stage: int = 0
     cost: dict[str, float] = field(default_factory=dict)       # R_b
     history: dict[str, list[float]] = field(default_factory=dict)  # every r of each mode
@@ -46,6 +48,8 @@ class ModeScheduler:
         if self.memory not in ("ema", "median") or self.window < 1:
             raise ValueError(f"memory is 'ema' or 'median' and window at least 1, not "
                              f"{self.memory!r} / {self.window}")
+        if self.exploration not in ("random", "stride"):
+            raise ValueError(f"exploration is 'random' or 'stride', not {self.exploration!r}")
         self.modes = [m for m in CANONICAL if m in self.modes]
         self.last = {m: 0 for m in self.modes}
         self._rng = random.Random(self.seed)
@@ -71,13 +75,26 @@ class ModeScheduler:
         fresh = [] if prices is not None else [m for m in active if m not in self.cost]
         if fresh:
             return fresh[0], "warm-up"
-        if self._rng.random() < self.rho:
+        if self._explores():
             logits = [(self.stage - self.last[m]) / self.tau for m in active]
             top = max(logits)
             weights = [math.exp(x - top) for x in logits]
             return self._rng.choices(active, weights=weights)[0], "explore"
         cost = self.cost if prices is None else {m: self._new_cost(m, r) for m, r in prices.items()}
         return min(active, key=lambda m: (cost[m], self.modes.index(m))), "exploit"
+
+    def _explores(self) -> bool:
+        """Whether this choice (after the warm-up) explores: with probability ρ (§5.2).
+
+        Deviation (exploration 'stride'): at each choice that takes ⌊n·ρ⌋ up (n: choices so
+        far), so every 1/ρ-th one. Random draws come in streaks: the first of Random(0)'s below
+        0.2 is its 26th, so the shipped recipes (seed 0) never explored in the 25 stages after
+        their warm-up, the stages in which one warm-up price of a mode kept it out.
+        """
+        self.picks += 1
+        if self.exploration == "stride":
+            return math.floor(self.picks * self.rho) > math.floor((self.picks - 1) * self.rho)
+        return self._rng.random() < self.rho
 
     def _new_cost(self, mode: str, r: float) -> float:
         """Eq. (5): `r` blended with `mode`'s history, weighted by how long ago it last ran.

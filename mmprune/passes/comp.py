@@ -43,6 +43,13 @@ class CompParams(PassParams):
     eval_batch_size: int = Field(64, ge=1, description="Batch size of the validation subset and probe set.")
     rho: float = Field(0.2, ge=0.0, le=1.0, description="Exploration probability ρ.")
     tau: float = Field(5.0, gt=0.0, description="Exploration temperature τ over stages since a mode ran.")
+    exploration: Literal["random", "stride"] = Field("random", description="When MPS explores: "
+                                                     "'random', each choice with probability ρ "
+                                                     "(the paper); 'stride', every 1/ρ-th choice "
+                                                     "after the warm-up, so no run goes long "
+                                                     "without exploring (seed 0's draws first fall "
+                                                     "below 0.2 at the 26th). The mode explored is "
+                                                     "drawn as before.")
     lambda0: float = Field(0.4, ge=0.0, le=1.0, description="History weight λ₀ of a mode run in the "
                            "previous stage (0: no history).")
     i_max: int = Field(5, ge=1, description="Stages after which a mode's old cost is forgotten.")

@@ -207,3 +207,34 @@ def test_memory_is_ema_or_median():
         ModeScheduler(MODES, memory="mean")
     with pytest.raises(ValueError, match="window at least 1"):
         ModeScheduler(MODES, memory="median", window=0)
+
+
+def _whys(s: ModeScheduler, stages: int) -> list[str]:
+    cost = dict(vision_tokens=1.0, language_tokens=1.2, vision_params=0.8, language_params=1.1)
+    out = []
+    for _ in range(stages):
+        mode, why = s.choose()
+        out.append(why)
+        s.record(mode, 0.0, -cost[mode] * 0.02, 1.0, 0.98)
+    return out
+
+
+def test_stride_exploration_explores_every_one_over_rho_choices_after_the_warm_up():
+    whys = _whys(ModeScheduler(MODES, rho=0.25, seed=0, exploration="stride"), 4 + 40)
+    assert whys[:4] == ["warm-up"] * 4
+    assert [i for i, w in enumerate(whys[4:], 1) if w == "explore"] == list(range(4, 41, 4))
+    assert "explore" not in _whys(ModeScheduler(MODES, rho=0.0, exploration="stride"), 30)
+
+
+def test_seed_zero_draws_explore_late_which_stride_exploration_avoids():
+    """Why 'stride' exists: with probability ρ = 0.2, the default seed's first exploration is
+    the 26th choice after the warm-up; the shipped recipes ran their first 25 stages greedily."""
+    whys = _whys(ModeScheduler(MODES, rho=0.2, seed=0), 4 + 30)[4:]
+    assert whys.index("explore") == 25
+    stride = _whys(ModeScheduler(MODES, rho=0.2, seed=0, exploration="stride"), 4 + 30)[4:]
+    assert stride.index("explore") == 4 and stride.count("explore") == 6
+
+
+def test_unknown_exploration_is_refused():
+    with pytest.raises(ValueError, match="exploration is 'random' or 'stride'"):
+        ModeScheduler(MODES, exploration="sometimes")

@@ -53,15 +53,21 @@ def test_comp_reaches_the_target_and_exports(write_recipe, registry, tmp_path):
     assert export_test_metrics(out / "model") == report["final"]["metrics"]
 
 
-def test_median_memory_prices_each_mode_by_its_last_stage_costs(write_recipe, registry, tmp_path):
+def test_median_memory_and_stride_exploration_reach_the_scheduler(write_recipe, registry,
+                                                                 tmp_path):
+    """Median memory prices each mode by its last stage costs; stride exploration explores at
+    every 1/ρ-th choice after the warm-up (one run for both: a search this long is slow)."""
     report = _run(write_recipe, registry, tmp_path / "run",
                   {"target": 0.5, "stage_quantum": 0.05, "cost_memory": "median",
-                   "cost_window": 3})
+                   "cost_window": 3, "exploration": "stride", "rho": 0.5})
+    traj = report["state"]["comp"][0]["trajectory"][1:]
     seen: dict[str, list[float]] = {}
-    for t in report["state"]["comp"][0]["trajectory"][1:]:
+    for t in traj:
         seen.setdefault(t["mode"], []).append(t["r"])
         assert t["costs"][t["mode"]] == pytest.approx(statistics.median(seen[t["mode"]][-3:]))
     assert max(len(v) for v in seen.values()) > 3      # some mode's median dropped a cost
+    whys = [t["why"] for t in traj if t["why"] != "warm-up"]
+    assert "explore" in whys and all(a != b for a, b in zip(whys, whys[1:])), whys
 
 
 def test_the_search_trains_against_the_dense_teacher(ctx, monkeypatch):
