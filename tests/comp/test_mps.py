@@ -26,13 +26,18 @@ def test_warm_up_visits_every_mode_once_in_canonical_order():
     assert seen == ["vision_tokens", "language_tokens", "vision_params", "language_params"]
 
 
-def _run(s: ModeScheduler, true_cost: dict[str, float], stages: int) -> list[str]:
+def _choices(s: ModeScheduler, true_cost: dict[str, float], stages: int) -> list[tuple[str, str]]:
+    """(mode, why) of each stage, every stage costing its mode's true cost."""
     out = []
     for _ in range(stages):
-        mode, _ = s.choose()
-        out.append(mode)
+        mode, why = s.choose()
+        out.append((mode, why))
         s.record(mode, 0.0, -true_cost[mode] * 0.02, 1.0, 0.98)  # Δq = r · ΔF
     return out
+
+
+def _run(s: ModeScheduler, true_cost: dict[str, float], stages: int) -> list[str]:
+    return [mode for mode, _ in _choices(s, true_cost, stages)]
 
 
 def test_greedy_picks_the_cheapest_mode():
@@ -211,12 +216,7 @@ def test_memory_is_ema_or_median():
 
 def _whys(s: ModeScheduler, stages: int) -> list[str]:
     cost = dict(vision_tokens=1.0, language_tokens=1.2, vision_params=0.8, language_params=1.1)
-    out = []
-    for _ in range(stages):
-        mode, why = s.choose()
-        out.append(why)
-        s.record(mode, 0.0, -cost[mode] * 0.02, 1.0, 0.98)
-    return out
+    return [why for _, why in _choices(s, cost, stages)]
 
 
 def test_stride_exploration_explores_every_one_over_rho_choices_after_the_warm_up():
