@@ -50,6 +50,8 @@ class Context:
     sealed_split: str | None = None
     #: loads a fresh copy of the run's dense source model (a distillation teacher); None: unavailable
     load_dense: Callable[[], Adapter] | None = None
+    #: the teacher `load_dense` gave, kept so a second pass that distils does not load it again
+    dense_teacher: Adapter | None = field(default=None, repr=False)
 
     @property
     def model(self) -> nn.Module:

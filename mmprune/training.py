@@ -66,9 +66,12 @@ def batch_stream(ctx: Context, split: str, batch_size: int, seed: int) -> Iterat
 
 def dense_teacher(ctx: Context, kd_weight: float, pass_name: str) -> Adapter | None:
     """The dense model, in eval mode, to distil from when `kd_weight` > 0 (else None). It is
-    loaded afresh, so no mask, threshold or removal a pass applied to `ctx.adapter` reaches it."""
+    loaded afresh, so no mask, threshold or removal a pass applied to `ctx.adapter` reaches it,
+    once per run: it is frozen, so the search and the fine-tuning can share it."""
     if kd_weight <= 0:
         return None
+    if ctx.dense_teacher is not None:
+        return ctx.dense_teacher
     if ctx.load_dense is None:
         raise MMPruneError(f"{pass_name}: distillation (kd_weight {kd_weight}) needs the dense "
                            f"model, which this run cannot load; set kd_weight: 0")
@@ -76,6 +79,7 @@ def dense_teacher(ctx: Context, kd_weight: float, pass_name: str) -> Adapter | N
     teacher.model.eval()
     for param in teacher.model.parameters():
         param.requires_grad_(False)
+    ctx.dense_teacher = teacher
     return teacher
 
 

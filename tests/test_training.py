@@ -29,13 +29,15 @@ def test_distillation_adds_its_weighted_divergence_to_the_task_loss(ctx):
     assert total == pytest.approx(task + 0.5 * kl, rel=1e-4)
 
 
-def test_the_dense_teacher_is_loaded_fresh_frozen_and_only_when_asked(ctx):
+def test_the_dense_teacher_is_loaded_fresh_frozen_once_and_only_when_asked(ctx):
     loaded = []
     ctx.load_dense = lambda: loaded.append(1) or clone(ctx.adapter)
     assert dense_teacher(ctx, 0.0, "comp") is None and not loaded
     teacher = dense_teacher(ctx, 1.0, "comp")
     assert loaded == [1] and not teacher.model.training
     assert not any(p.requires_grad for p in teacher.model.parameters())
-    ctx.load_dense = None
+    # the fine-tuning after a distilled search gets the same teacher, not a second copy
+    assert dense_teacher(ctx, 0.5, "finetune") is teacher and loaded == [1]
+    ctx.load_dense, ctx.dense_teacher = None, None
     with pytest.raises(MMPruneError, match="comp: distillation .* needs the dense model"):
         dense_teacher(ctx, 1.0, "comp")
