@@ -72,12 +72,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", required=True, help="family:task, e.g. clip:retrieval")
     ap.add_argument("--dense", type=float, required=True, help="the build's dense metric (comp.json's dense_value)")
+    ap.add_argument("--suffix", default="", help="added to the figure's file name, so a new build's "
+                    "figure does not replace one that BENCHMARKS.md shows for an older build")
     args = ap.parse_args()
     family, task = args.task.split(":")
     rows = build_rows(json.loads((RESULTS / "comp.json").read_text()), family, task, args.dense)
     if not rows:
         raise SystemExit(f"no rows for {args.task} with dense_value {args.dense} in {RESULTS / 'comp.json'}")
-    path = RESULTS / f"comp_{family}_{task}.png"
+    path = RESULTS / f"comp_{family}_{task}{args.suffix}.png"
     plot(rows, family, task, args.dense, path)
     print(path)
 
