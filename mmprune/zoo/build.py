@@ -51,11 +51,16 @@ def read_manifest(name: str) -> dict:
     return json.loads((zoo_dir(name) / MANIFEST).read_text())
 
 
+def entry_record(e: ZooEntry) -> dict:
+    """`e` as a build's manifest records it (JSON: tuples become lists)."""
+    return json.loads(json.dumps(asdict(e)))
+
+
 def stale_fields(name: str) -> list[str]:
     """Catalog fields of `name` (its description aside) that differ from those its cached build
     was trained with: the cache keeps a model until it is rebuilt, whatever the catalog says now."""
     built = read_manifest(name).get("entry", {})
-    now = json.loads(json.dumps(asdict(entry(name))))     # tuples as the manifest's lists
+    now = entry_record(entry(name))
     return [k for k, v in now.items() if k != "description" and built.get(k) != v]
 
 
@@ -144,7 +149,7 @@ def build(name: str, *, force: bool = False, progress: bool = True, log=print,
     adapter.tokenizer.save_pretrained(tmp)
     adapter.image_processor.save_pretrained(tmp)
     manifest = {
-        "name": name, "family": e.family, "task": e.task, "entry": asdict(e),
+        "name": name, "family": e.family, "task": e.task, "entry": entry_record(e),
         "data": MiniVLParams(task=e.task, **e.data).model_dump(),
         "code_hash": zoo_code_hash(), "data_code_hash": code_hash(),
         "params": sum(p.numel() for p in model.parameters()),

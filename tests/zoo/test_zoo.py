@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +13,8 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from mmprune.data.minivl.source import MiniVLParams, load_task
 from mmprune.plugins.manager import get_registry
-from mmprune.zoo.build import MANIFEST, build, evaluate_split, is_built, stale_fields, zoo_dir
+from mmprune.zoo.build import (MANIFEST, build, entry_record, evaluate_split, is_built, stale_fields,
+                               zoo_dir)
 from mmprune.zoo.catalog import CATALOG
 
 # each entry's own learning rate; 120 steps of 32 over 256 examples is enough to learn at it
@@ -112,7 +113,7 @@ def test_a_build_from_an_older_catalog_entry_is_flagged(smoke_builds, tmp_path, 
     assert set(stale_fields(name)) == set(SMOKE) | {"init_from"}     # a smoke build, reduced
     manifest = zoo_dir(name) / MANIFEST
     m = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({**m, "entry": json.loads(json.dumps(asdict(CATALOG[name])))}))
+    manifest.write_text(json.dumps({**m, "entry": entry_record(CATALOG[name])}))
     assert stale_fields(name) == []
     monkeypatch.setitem(CATALOG, name, replace(CATALOG[name], steps=CATALOG[name].steps + 1,
                                                description="reworded, not retrained"))
