@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -96,6 +97,10 @@ def is_saved_model(directory: str | Path) -> bool:
     return (Path(directory) / SPEC_FILE).is_file()
 
 
+# Out of inference mode even when called in it (`with torch.inference_mode(): mmprune.load(...)`):
+# the pruned structure is rebuilt by tracing the dense model with autograd, which inference mode
+# turns off, and parameters made in it could never be fine-tuned.
+@torch.inference_mode(False)
 def load_bundle(directory: str | Path, registry=None) -> Bundle:
     from mmprune.plugins.manager import get_registry
 

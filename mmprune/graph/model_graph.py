@@ -84,7 +84,7 @@ class ModelGraph:
     def dependency_graph(self) -> tp.DependencyGraph:
         if self._dg is None:
             model = self.adapter.model
-            with eval_mode(model), torch.enable_grad(), warnings.catch_warnings():
+            with eval_mode(model), torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Unwrapped parameters")
                 self._dg = tp.DependencyGraph().build_dependency(
                     model, example_inputs=self.adapter.example_inputs(),

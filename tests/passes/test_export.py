@@ -41,6 +41,18 @@ def test_export_then_load_gives_identical_outputs(ctx, tmp_path, quantize):
     assert (spec["quantization"] is not None) == quantize
 
 
+def test_load_works_inside_inference_mode(ctx, tmp_path):
+    # rebuilding the pruned structure traces the dense model with autograd, which inference mode
+    # turns off: torch-pruning then found no module ("... is not in the dependency graph")
+    prune(ctx, target=0.5)
+    Export(ExportParams(path=str(tmp_path / "m"))).run(ctx)
+    with torch.inference_mode():
+        loaded = mmprune.load(tmp_path / "m")
+    x = ctx.adapter.example_inputs(3)
+    assert torch.equal(outputs(ctx.model, x), outputs(loaded, x))
+    assert not any(p.is_inference() for p in loaded.parameters())   # it can still be fine-tuned
+
+
 def test_quantized_export_is_smaller(ctx, tmp_path):
     Export(ExportParams(path=str(tmp_path / "fp32"))).run(ctx)
     Quantize(QuantizeParams()).run(ctx)
