@@ -108,6 +108,10 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
                                          "cross_params, language_tokens]"]),
         # dropped tokens folded into one weighted token, as the token-only baseline does
         "comp_merge": (comp, ["passes.0.comp.merge_dropped=fuse_one"]),
+        # no image-token site after the ViT's first block (BLIP/CLIP MiniVL: 4 blocks), where
+        # attention received says least about where the objects are (token_localization.py)
+        "comp_late_tokens": (comp, ["passes.0.comp.token_layers={vision: [1, 2, 3]}"]),
+        "tokens_late": (tokens, ["passes.0.comp.token_layers={vision: [1, 2, 3]}"]),
         # a mode whose next stage would remove under a quarter of a quantum is retired
         "comp_retire": (comp, ["passes.0.comp.retire_below=0.25"]),
         # a stage that loses more than a tenth of its starting quality is undone

@@ -76,6 +76,9 @@ class ManagedTower:
     #: per example token counts of the last forward: (layer, 'attn' | 'mlp') -> [B]
     last_counts: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     last_valid: torch.Tensor | None = None
+    #: per site layer, the original positions [B, N'] of the tokens it kept in the last forward
+    #: and which of them are real (valid [B, N']); the merged token's position is N
+    last_kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _call_kwargs: dict[str, Any] = field(default_factory=dict)
     _handles: list = field(default_factory=list)
 
@@ -118,7 +121,7 @@ class ManagedTower:
         states = kwargs.get("encoder_hidden_states")
         states_valid = None if states is None else _valid_from_mask(kwargs.get("encoder_attention_mask"),
                                                                      states)
-        self.last_counts = {}
+        self.last_counts, self.last_kept = {}, {}
         for i, layer in enumerate(self.layers):
             ctl = self.controls[i]
             self.last_counts[(i, "attn")] = st.valid.sum(dim=1)
@@ -210,6 +213,7 @@ class ManagedTower:
         new = _State(g(st.x), valid, g(st.protected) & valid, g(st.global_) & valid,
                      g(st.position), st.candidates0,
                      None if st.fused is None else g(st.fused) & valid, st.mass)
+        self.last_kept[layer] = (new.position, valid)
         return new, g(s) * valid.to(s.dtype)
 
     def _merge(self, st: _State, scores: torch.Tensor, keep: torch.Tensor):

@@ -181,3 +181,27 @@ def test_towers_called_with_positional_arguments_are_read_by_name():
                                        attention_mask=batch["attention_mask"]).pooler_output
     positional = adapter.model.text_model(batch["input_ids"], batch["attention_mask"]).pooler_output
     assert torch.equal(by_name, positional)
+
+
+@torch.no_grad()
+def test_sites_report_the_original_positions_of_the_tokens_they_keep():
+    adapter, graph = _clip()
+    adapter.model.config.vision_config._attn_implementation = "eager"
+    px = adapter.example_inputs(3)["pixel_values"]
+    att = adapter.model.vision_model(pixel_values=px, output_attentions=True).attentions[1]
+    rt = TokenRuntime.attach(graph)
+    rt.set_sites("vision", SiteControl(theta=1.0), layers=[1])
+    adapter.model.vision_model(pixel_values=px)
+    tower = rt.towers["vision"]
+    assert set(tower.last_kept) == {1}
+    position, valid = tower.last_kept[1]
+    b, _, n, _ = att.shape
+    cls = torch.zeros(b, n, dtype=torch.bool)
+    cls[:, 0] = True
+    s = T.normalise(T.attention_received(att, torch.ones_like(cls), cls), ~cls)
+    expected = (n - 1) * s >= 1.0        # the keep rule with θ = 1, no floor (min_keep_frac 0)
+    expected[:, 0] = True                # CLS is protected
+    for i in range(b):
+        kept = set(position[i][valid[i]].tolist())
+        assert kept == set(expected[i].nonzero().flatten().tolist())
+        assert 0 in kept and len(kept) < n

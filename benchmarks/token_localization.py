@@ -1,0 +1,160 @@
+"""Do attention scores find the patches a MiniVL statement is about?
+
+    .venv/bin/python benchmarks/token_localization.py [--dense ZOO ...] [EXPORT_DIR ...]
+
+Token pruning can only keep what a scene's statement or question is about if its scores rank the
+object patches above the background. MiniVL knows where its objects are, so this measures it on
+`--images` fresh scenes (1-4 objects each, as the tasks draw them):
+
+- each dense zoo model (`--dense`), per ViT block: how well each candidate score ranks the
+  8 x 8 patches an object touches: CIT's attention received (heads combined by max, the ViT
+  default, or by mean) and the CLS token's attention (EViT's score). Columns: object patches among the top 30% and
+  15% of patches (recall) and the ROC AUC of the score for "an object touches this patch"
+  (0.5: no better than chance).
+- each exported model given, per token site: the share of all patches it keeps, and of object
+  patches (the runtime's own kept sets, θ and floors as exported).
+
+Writes benchmarks/results/token_localization.json and prints markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from mmprune.data.minivl import scenes as S
+from mmprune.models.loading import load_model
+from mmprune.plugins.manager import get_registry
+from mmprune.recipe import ModelSpec
+from mmprune.runtime import tokens as T
+from mmprune.runtime.runtime import runtime_of
+
+HERE = Path(__file__).parent
+SIZE, PATCH = 64, 8
+
+
+def object_mask(scene: S.Scene, size: int = SIZE) -> np.ndarray:
+    """The pixels `scene`'s objects cover, replaying `render`'s draws (checked against it)."""
+    rng = np.random.default_rng(scene.background)
+    img = S.background(size, rng)
+    covered = np.zeros((size, size), dtype=bool)
+    cell = size / 3
+    for obj in scene.objects:
+        r = cell * S.RADIUS[obj.size]
+        room = max(0.0, cell * 0.5 - r) * S.JITTER
+        cy = (obj.row + 0.5) * cell + rng.uniform(-room, room)
+        cx = (obj.col + 0.5) * cell + rng.uniform(-room, room)
+        colour = np.asarray(S.COLORS[obj.color], dtype=float) + rng.normal(0, 12, 3)
+        m = S._mask(obj.shape, r, cy, cx, size)
+        img[m] = colour + rng.normal(0, 8, (int(m.sum()), 3))
+        covered |= m
+    if not np.array_equal(np.clip(img, 0, 255).astype(np.uint8), S.render(scene, size)):
+        raise RuntimeError("object_mask no longer replays scenes.render; update it")
+    return covered
+
+
+def object_patches(mask: np.ndarray) -> np.ndarray:
+    """[patches] bool, row-major as the ViT numbers them: an object touches the patch."""
+    n = mask.shape[0] // PATCH
+    return mask.reshape(n, PATCH, n, PATCH).any(axis=(1, 3)).reshape(-1)
+
+
+def scenes_with_objects(n: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    drawn = [S.sample_scene(rng) for _ in range(n)]
+    return [S.render(s, SIZE) for s in drawn], np.stack([object_patches(object_mask(s)) for s in drawn])
+
+
+def auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC of one image's patch scores (Mann-Whitney U, ties averaged)."""
+    r = rankdata(score)
+    n1 = positive.sum()
+    return float((r[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(positive) - n1)))
+
+
+def recall_at(score: np.ndarray, positive: np.ndarray, share: float) -> float:
+    top = np.argsort(-score, axis=1, kind="stable")[:, :round(score.shape[1] * share)]
+    hit = np.take_along_axis(positive, top, axis=1).sum(1)
+    return float(np.mean(hit / positive.sum(1).clip(min=1)))
+
+
+def candidate_scores(attn: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per patch scores [B, patches] from one block's attention [B, H, N, N] (CLS at 0)."""
+    b, _, n, _ = attn.shape
+    valid = torch.ones(b, n, dtype=torch.bool)
+    cls = torch.zeros_like(valid)
+    cls[:, 0] = True
+    return {"received (max)": T.attention_received(attn, valid, cls, reduce="max")[:, 1:].numpy(),
+            "received (mean)": T.attention_received(attn, valid, cls, reduce="mean")[:, 1:].numpy(),
+            "CLS attention": attn[:, :, 0, 1:].mean(1).numpy()}
+
+
+@torch.inference_mode()
+def score_table(name: str, images, positive) -> list[dict]:
+    adapter, _ = load_model(ModelSpec(zoo=name, attn_implementation="eager"), get_registry(), 0)
+    px = adapter.image_processor(images, return_tensors="pt")["pixel_values"]
+    attentions = adapter.model.vision_model(pixel_values=px, output_attentions=True).attentions
+    some = (positive.sum(1) > 0) & (positive.sum(1) < positive.shape[1])
+    rows = []
+    for layer, attn in enumerate(attentions):
+        for kind, s in candidate_scores(attn).items():
+            rows.append({"model": name, "block": layer, "score": kind,
+                         "recall_top30": round(recall_at(s, positive, 0.3), 3),
+                         "recall_top15": round(recall_at(s, positive, 0.15), 3),
+                         "auc": round(float(np.mean([auc(s[i], positive[i]) for i in np.flatnonzero(some)])), 3)})
+    return rows
+
+
+@torch.inference_mode()
+def kept_table(export: str, images, positive) -> list[dict]:
+    adapter, _ = load_model(ModelSpec(path=export), get_registry(), 0)
+    rt = runtime_of(adapter.model)
+    tower = rt.towers.get("vision") if rt is not None else None
+    if tower is None:
+        return [{"model": export, "site": "-", "kept": 1.0, "objects_kept": 1.0}]
+    px = adapter.image_processor(images, return_tensors="pt")["pixel_values"]
+    adapter.model.vision_model(pixel_values=px)
+    rows = []
+    for layer, (position, valid) in sorted(tower.last_kept.items()):
+        kept = np.zeros_like(positive)
+        for i in range(len(positive)):
+            p = position[i][valid[i]]
+            p = p[(p >= 1) & (p <= positive.shape[1])] - 1       # not CLS, not a merged token
+            kept[i, p.numpy()] = True
+        rows.append({"model": export, "site": layer, "kept": round(float(kept.mean()), 3),
+                     "objects_kept": round(float(kept[positive].mean()), 3)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("exports", nargs="*", help="mmprune export directories (runs/.../model)")
+    ap.add_argument("--dense", nargs="+", default=["blip-minivl-nlvr", "clip-minivl"],
+                    help="zoo models whose scores are compared")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=123)
+    a = ap.parse_args()
+    images, positive = scenes_with_objects(a.images, a.seed)
+    scores = [r for name in a.dense for r in score_table(name, images, positive)]
+    kept = [r for e in a.exports for r in kept_table(e, images, positive)]
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "token_localization.json").write_text(json.dumps(
+        {"images": a.images, "seed": a.seed, "object_patch_share": round(float(positive.mean()), 3),
+         "scores": scores, "kept": kept}, indent=1) + "\n")
+    print(f"object patches: {positive.mean():.0%} of all ({a.images} scenes)\n")
+    print("| model | block | score | objects in top 30% | in top 15% | AUC |\n|---|---:|---|---:|---:|---:|")
+    for r in scores:
+        print(f"| {r['model']} | {r['block']} | {r['score']} | {r['recall_top30']:.2f} | "
+              f"{r['recall_top15']:.2f} | {r['auc']:.2f} |")
+    if kept:
+        print("\n| export | site | patches kept | object patches kept |\n|---|---:|---:|---:|")
+        for r in kept:
+            print(f"| {r['model']} | {r['site']} | {r['kept']:.2f} | {r['objects_kept']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
