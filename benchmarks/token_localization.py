@@ -13,6 +13,11 @@ object patches above the background. MiniVL knows where its objects are, so this
   (0.5: no better than chance).
 - each exported model given, per token site: the share of all patches it keeps, and of object
   patches (the runtime's own kept sets, θ and floors as exported).
+- `--nlvr N` (with an NLVR zoo model, the first `--dense`): how much of the dense model's
+  accuracy on N fresh statement pairs survives when, at one ViT block (`--block`), each image
+  keeps only as many patches as its objects touch (x `--budget`), chosen by the object masks
+  (an oracle), by the runtime's attention score (CIT), or at random. No fine-tuning: it asks
+  whether the information is in few patches, and whether the score finds them.
 
 Writes benchmarks/results/token_localization.json and prints markdown tables.
 """
@@ -26,12 +31,15 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from mmprune.data.minivl import language
 from mmprune.data.minivl import scenes as S
+from mmprune.graph import trace
 from mmprune.models.loading import load_model
 from mmprune.plugins.manager import get_registry
 from mmprune.recipe import ModelSpec
 from mmprune.runtime import tokens as T
-from mmprune.runtime.runtime import runtime_of
+from mmprune.runtime import SiteControl
+from mmprune.runtime.runtime import TokenRuntime, runtime_of
 
 HERE = Path(__file__).parent
 SIZE, PATCH = 64, 8
@@ -130,6 +138,76 @@ def kept_table(export: str, images, positive) -> list[dict]:
     return rows
 
 
+def nlvr_pairs(n: int, seed: int) -> tuple[list[dict], np.ndarray]:
+    """`n` statement pairs drawn as the NLVR task draws them (without its per-statement label
+    balancing), and the object patches [2n, patches] in the order the BLIP adapter runs the
+    pair's images (every left image, then every right one)."""
+    rng = np.random.default_rng(seed)
+    rows, masks = [], {"left": [], "right": []}
+    for _ in range(n):
+        left, right = S.sample_scene(rng), S.sample_scene(rng)
+        text, truth = language.statement(left, right, rng)
+        rows.append({"image_left": S.render(left), "image_right": S.render(right),
+                     "statement": text, "label": int(truth)})
+        masks["left"].append(object_patches(object_mask(left)))
+        masks["right"].append(object_patches(object_mask(right)))
+    return rows, np.stack(masks["left"] + masks["right"])
+
+
+def choose_kept(policy: str, positive: np.ndarray, scores: torch.Tensor, budget: float,
+                rng: np.random.Generator) -> torch.Tensor:
+    """[rows, patches] bool: `budget` x as many patches as each image's objects touch."""
+    kept = np.zeros_like(positive)
+    for i, pos in enumerate(positive):
+        k = min(len(pos), max(1, round(budget * pos.sum())))
+        if policy == "objects":
+            order = np.lexsort((-scores[i].numpy(), ~pos))     # object patches first, by score
+        elif policy == "attention":
+            order = np.argsort(-scores[i].numpy(), kind="stable")
+        else:
+            order = rng.permutation(len(pos))
+        kept[i, order[:k]] = True
+    return torch.from_numpy(kept)
+
+
+@torch.inference_mode()
+def oracle_table(name: str, n: int, block: int, budgets: list[float], seed: int) -> list[dict]:
+    adapter, _ = load_model(ModelSpec(zoo=name), get_registry(), 0)
+    rows, positive = nlvr_pairs(n, seed)
+    batch = adapter.collate(rows)
+    rt = TokenRuntime.attach(trace(adapter))
+    tower = rt.towers["vision"]
+    dense = adapter.evaluate(iter([batch]), "nlvr")["accuracy"]
+    out = [{"model": name, "block": block, "policy": "dense", "budget": None, "kept": 1.0,
+            "accuracy": round(dense, 1)}]
+    rt.set_sites("vision", SiteControl(theta=1.0), layers=[block])
+    drop, chosen = tower._drop, {}
+
+    def drop_chosen(st, s, site, layer):      # the site keeps CLS and the chosen patches
+        if "kept" not in chosen:              # first pass: record the runtime's scores
+            chosen["scores"] = s[:, 1:].clone()
+            return drop(st, s, SiteControl(theta=0.0), layer)
+        keep = torch.cat([st.protected[:, :1], chosen["kept"]], dim=1) & st.valid
+        index, valid = T.compaction(keep)
+        g = lambda t: T.gather_tokens(t, index)                       # noqa: E731
+        new = type(st)(g(st.x), valid, g(st.protected) & valid, g(st.global_) & valid,
+                       g(st.position), st.candidates0)
+        return new, g(s) * valid.to(s.dtype)
+
+    tower._drop = drop_chosen
+    adapter.evaluate(iter([batch]), "nlvr")
+    for budget in budgets:
+        for policy in ("objects", "attention", "random"):
+            chosen["kept"] = choose_kept(policy, positive, chosen["scores"], budget,
+                                         np.random.default_rng(seed))
+            acc = adapter.evaluate(iter([batch]), "nlvr")["accuracy"]
+            out.append({"model": name, "block": block, "policy": policy, "budget": budget,
+                        "kept": round(float(chosen["kept"].float().mean()), 3),
+                        "accuracy": round(acc, 1)})
+    tower._drop = drop
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("exports", nargs="*", help="mmprune export directories (runs/.../model)")
@@ -137,14 +215,19 @@ def main() -> None:
                     help="zoo models whose scores are compared")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--seed", type=int, default=123)
+    ap.add_argument("--nlvr", type=int, default=0, help="statement pairs of the kept-set test (0: skip)")
+    ap.add_argument("--block", type=int, default=1, help="ViT block of the kept-set test's site")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 2.0],
+                    help="patches kept per image, as a multiple of those its objects touch")
     a = ap.parse_args()
     images, positive = scenes_with_objects(a.images, a.seed)
     scores = [r for name in a.dense for r in score_table(name, images, positive)]
     kept = [r for e in a.exports for r in kept_table(e, images, positive)]
+    oracle = oracle_table(a.dense[0], a.nlvr, a.block, a.budgets, a.seed) if a.nlvr else []
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "token_localization.json").write_text(json.dumps(
         {"images": a.images, "seed": a.seed, "object_patch_share": round(float(positive.mean()), 3),
-         "scores": scores, "kept": kept}, indent=1) + "\n")
+         "scores": scores, "kept": kept, "kept_set_test": oracle}, indent=1) + "\n")
     print(f"object patches: {positive.mean():.0%} of all ({a.images} scenes)\n")
     print("| model | block | score | objects in top 30% | in top 15% | AUC |\n|---|---:|---|---:|---:|---:|")
     for r in scores:
@@ -154,6 +237,12 @@ def main() -> None:
         print("\n| export | site | patches kept | object patches kept |\n|---|---:|---:|---:|")
         for r in kept:
             print(f"| {r['model']} | {r['site']} | {r['kept']:.2f} | {r['objects_kept']:.2f} |")
+    if oracle:
+        print(f"\n{a.nlvr} NLVR pairs, site at block {a.block}\n")
+        print("| patches kept, chosen by | per image (× object patches) | share kept | accuracy |\n"
+              "|---|---:|---:|---:|")
+        for r in oracle:
+            print(f"| {r['policy']} | {r['budget'] or '-'} | {r['kept']:.2f} | {r['accuracy']:.1f} |")
 
 
 if __name__ == "__main__":
