@@ -33,6 +33,8 @@ class ModeScheduler:
     memory: Literal["ema", "median"] = "ema"
     window: int = 5
     exploration: Literal["random", "stride"] = "random"
+    #: modes in turn whatever they cost (the CIM-only ablation): no warm-up, exploration or history
+    round_robin: bool = False
     picks: int = 0                                               # choices after the warm-up
     stage: int = 0
     cost: dict[str, float] = field(default_factory=dict)       # R_b
@@ -53,6 +55,7 @@ class ModeScheduler:
         self.modes = [m for m in CANONICAL if m in self.modes]
         self.last = {m: 0 for m in self.modes}
         self._rng = random.Random(self.seed)
+        self._turn: str | None = None
 
     @property
     def active(self) -> list[str]:
@@ -72,6 +75,8 @@ class ModeScheduler:
         if not active:
             return None
         self.stage += 1
+        if self.round_robin:
+            return self._next_in_turn(active), "turn"
         fresh = [] if prices is not None else [m for m in active if m not in self.cost]
         if fresh:
             return fresh[0], "warm-up"
@@ -82,6 +87,13 @@ class ModeScheduler:
             return self._rng.choices(active, weights=weights)[0], "explore"
         cost = self.cost if prices is None else {m: self._new_cost(m, r) for m, r in prices.items()}
         return min(active, key=lambda m: (cost[m], self.modes.index(m))), "exploit"
+
+    def _next_in_turn(self, active: list[str]) -> str:
+        """The first of `active` after the mode chosen last, in canonical order, cyclically."""
+        after = self.modes.index(self._turn) + 1 if self._turn is not None else 0
+        ring = self.modes[after:] + self.modes[:after]
+        self._turn = next(m for m in ring if m in active)
+        return self._turn
 
     def _explores(self) -> bool:
         """Whether this choice (after the warm-up) explores: with probability ρ (§5.2).

@@ -8,6 +8,8 @@ from mmprune.comp.mps import CANONICAL
 
 COLOURS = {"vision_tokens": "#1f77b4", "language_tokens": "#ff7f0e", "vision_params": "#2ca02c",
            "language_params": "#d62728", "cross_params": "#9467bd"}
+#: why MPS chose a stage's mode -> its marker
+MARKERS = {"warm-up": "s", "explore": "^", "exploit": "o", "turn": "D"}
 
 
 def plot_trajectory(result: dict[str, Any], path: Path, task: str) -> Path:
@@ -23,7 +25,7 @@ def plot_trajectory(result: dict[str, Any], path: Path, task: str) -> Path:
                                       gridspec_kw={"height_ratios": [1, 1.4]})
     for t in stages:
         top.scatter(t["stage"], modes.index(t["mode"]), color=COLOURS[t["mode"]], s=60,
-                    marker={"warm-up": "s", "explore": "^", "exploit": "o"}.get(t.get("why"), "o"))
+                    marker=MARKERS.get(t.get("why"), "o"))
         if t.get("undone"):     # rollback_drop: the stage was run, priced and taken back
             top.scatter(t["stage"], modes.index(t["mode"]), s=110, marker="x", color="red")
         for m in t.get("lookahead", {}):    # cost_at lookahead: the plans priced and passed over
@@ -37,6 +39,8 @@ def plot_trajectory(result: dict[str, Any], path: Path, task: str) -> Path:
     top.set_yticks(range(len(modes)), modes)
     top.set_ylim(-0.5, len(modes) - 0.5)
     title = "MPS: mode per stage (square: warm-up, triangle: exploration, circle: lowest cost)"
+    if any(t.get("why") == "turn" for t in stages):
+        title = "Round-robin: mode per stage (modes in turn, whatever they cost)"
     if any(t.get("undone") for t in stages):
         title += "\nred x: stage undone (lost more than rollback_drop of its quality)"
     if any("lookahead" in t for t in stages):

@@ -130,7 +130,7 @@ class CompSearch:
                                    f"'{ctx.adapter.name}' adapter has none (use 'model')")
             self.scope = self.rt.decoder.tower
         if p.schedule == "round_robin":
-            self.scheduler = ModeScheduler(self.modes, rho=0.0, lambda0=0.0, seed=ctx.seed)
+            self.scheduler = ModeScheduler(self.modes, seed=ctx.seed, round_robin=True)
         else:
             self.scheduler = ModeScheduler(self.modes, rho=p.rho, tau=p.tau, lambda0=p.lambda0,
                                            i_max=p.i_max, seed=ctx.seed, memory=p.cost_memory,

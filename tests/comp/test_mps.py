@@ -238,3 +238,16 @@ def test_seed_zero_draws_explore_late_which_stride_exploration_avoids():
 def test_unknown_exploration_is_refused():
     with pytest.raises(ValueError, match="exploration is 'random' or 'stride'"):
         ModeScheduler(MODES, exploration="sometimes")
+
+
+def test_round_robin_takes_modes_in_turn_whatever_they_cost():
+    # the CIM-only ablation (comp.md §8); it used to be greedy without history, so it ran the
+    # very stages `comp_greedy` did
+    cost = dict(vision_tokens=3.0, language_tokens=0.5, vision_params=2.0, language_params=1.0)
+    s = ModeScheduler(MODES, rho=0.9, seed=0, round_robin=True)
+    choices = _choices(s, cost, 9)
+    order = ["vision_tokens", "language_tokens", "vision_params", "language_params"]
+    assert choices == [(m, "turn") for m in order + order + order[:1]]
+    s.exhaust("language_tokens")      # chosen, could not remove a quantum: the turn passes on
+    s.retire("language_params")
+    assert [s.choose()[0] for _ in range(4)] == ["vision_params", "vision_tokens"] * 2

@@ -70,6 +70,17 @@ def test_median_memory_and_stride_exploration_reach_the_scheduler(write_recipe, 
     assert "explore" in whys and all(a != b for a, b in zip(whys, whys[1:])), whys
 
 
+def test_round_robin_schedule_runs_the_modes_in_turn(write_recipe, registry, tmp_path):
+    report = _run(write_recipe, registry, tmp_path / "run", {"target": 0.4, "schedule": "round_robin"})
+    traj = [t for t in report["state"]["comp"][0]["trajectory"][1:] if t["mode"] is not None]
+    assert {t["why"] for t in traj} == {"turn"}
+    order = ["vision_tokens", "language_tokens", "vision_params", "language_params"]
+    # each stage's mode follows the one before it in the ring, skipping modes that are done
+    for a, b in zip(traj, traj[1:]):
+        assert b["mode"] != a["mode"] or len({t["mode"] for t in traj[traj.index(b):]}) == 1
+    assert [t["mode"] for t in traj[:4]] == order
+
+
 def test_the_search_trains_against_the_dense_teacher(ctx, monkeypatch):
     from mmprune.passes.comp import Comp, CompParams
     from mmprune.training import Trainer
