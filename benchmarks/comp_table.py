@@ -112,6 +112,10 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         # attention received says least about where the objects are (token_localization.py)
         "comp_late_tokens": (comp, ["passes.0.comp.token_layers={vision: [1, 2, 3]}"]),
         "tokens_late": (tokens, ["passes.0.comp.token_layers={vision: [1, 2, 3]}"]),
+        # and every image keeps a quarter of its patches at least, about what its objects touch
+        # (27% on average): below that even a perfect score loses information
+        "comp_late_floor": (comp, ["passes.0.comp.token_layers={vision: [1, 2, 3]}",
+                                   "passes.0.comp.min_token_frac={vision_tokens: 0.25}"]),
         # a mode whose next stage would remove under a quarter of a quantum is retired
         "comp_retire": (comp, ["passes.0.comp.retire_below=0.25"]),
         # a stage that loses more than a tenth of its starting quality is undone
