@@ -75,9 +75,12 @@ def test_round_robin_schedule_runs_the_modes_in_turn(write_recipe, registry, tmp
     traj = [t for t in report["state"]["comp"][0]["trajectory"][1:] if t["mode"] is not None]
     assert {t["why"] for t in traj} == {"turn"}
     order = ["vision_tokens", "language_tokens", "vision_params", "language_params"]
-    # each stage's mode follows the one before it in the ring, skipping modes that are done
-    for a, b in zip(traj, traj[1:]):
-        assert b["mode"] != a["mode"] or len({t["mode"] for t in traj[traj.index(b):]}) == 1
+    # each stage's mode is the next in the ring after the one before it, skipping modes done
+    # for good (they never come back)
+    for i, (a, b) in enumerate(zip(traj, traj[1:])):
+        later = {t["mode"] for t in traj[i + 1:]}
+        after = order.index(a["mode"]) + 1
+        assert b["mode"] == next(m for m in order[after:] + order[:after] if m in later), (a, b)
     assert [t["mode"] for t in traj[:4]] == order
 
 

@@ -92,16 +92,22 @@ def test_analytic_flops_match_the_flop_counter():
         assert est == pytest.approx(fc.get_total_flops(), rel=0.02), theta
 
 
-@torch.no_grad()
-def test_cit_equals_plain_attention_received_with_all_ones_mask():
-    adapter, _ = _clip()
+def _dense_vision_attention(adapter, px, layer: int):
+    """The ViT's post-softmax attention [B, H, N, N] at `layer`, and the valid / CLS marks [B, N]."""
     adapter.model.config.vision_config._attn_implementation = "eager"
-    px = adapter.example_inputs(2)["pixel_values"]
-    att = adapter.model.vision_model(pixel_values=px, output_attentions=True).attentions[0]
-    b, h, n, _ = att.shape
+    att = adapter.model.vision_model(pixel_values=px, output_attentions=True).attentions[layer]
+    b, _, n, _ = att.shape
     valid = torch.ones(b, n, dtype=torch.bool)
     cls = torch.zeros_like(valid)
     cls[:, 0] = True
+    return att, valid, cls
+
+
+@torch.no_grad()
+def test_cit_equals_plain_attention_received_with_all_ones_mask():
+    adapter, _ = _clip()
+    att, valid, cls = _dense_vision_attention(adapter, adapter.example_inputs(2)["pixel_values"], 0)
+    h = att.shape[1]
     plain = att[:, :, 1:, :].amax(dim=1).sum(dim=1)     # queries: all but CLS; keys: all
     plain[:, 0] = 0
     ones = T.attention_received(att, valid, cls, torch.ones(h))
@@ -186,22 +192,20 @@ def test_towers_called_with_positional_arguments_are_read_by_name():
 @torch.no_grad()
 def test_sites_report_the_original_positions_of_the_tokens_they_keep():
     adapter, graph = _clip()
-    adapter.model.config.vision_config._attn_implementation = "eager"
     px = adapter.example_inputs(3)["pixel_values"]
-    att = adapter.model.vision_model(pixel_values=px, output_attentions=True).attentions[1]
+    att, valid, cls = _dense_vision_attention(adapter, px, 1)
     rt = TokenRuntime.attach(graph)
     rt.set_sites("vision", SiteControl(theta=1.0), layers=[1])
     adapter.model.vision_model(pixel_values=px)
     tower = rt.towers["vision"]
     assert set(tower.last_kept) == {1}
-    position, valid = tower.last_kept[1]
-    b, _, n, _ = att.shape
-    cls = torch.zeros(b, n, dtype=torch.bool)
-    cls[:, 0] = True
-    s = T.normalise(T.attention_received(att, torch.ones_like(cls), cls), ~cls)
-    expected = (n - 1) * s >= 1.0        # the keep rule with θ = 1, no floor (min_keep_frac 0)
+    position, real = tower.last_kept[1]
+    b, n = valid.shape
+    s = T.normalise(T.attention_received(att, valid, cls), ~cls)
+    # the keep rule with θ = 1; its floor (5% of 16 candidates: the top one) is kept by θ anyway
+    expected = (n - 1) * s >= 1.0
     expected[:, 0] = True                # CLS is protected
     for i in range(b):
-        kept = set(position[i][valid[i]].tolist())
+        kept = set(position[i][real[i]].tolist())
         assert kept == set(expected[i].nonzero().flatten().tolist())
         assert 0 in kept and len(kept) < n
