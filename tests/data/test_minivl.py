@@ -37,6 +37,21 @@ def test_same_seed_same_data_other_seed_other_data(task):
     assert {s: len(a[s]) for s in a} == SMALL
 
 
+def rows_of(ds) -> list[str]:
+    return [fingerprint({"train": [row], "validation": [], "test": []}) for row in ds]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_larger_test_split_extends_the_old_one_and_leaves_the_others(task):
+    # benchmarks/rescore.py scores exported models on a larger test split and relies on this:
+    # the recipe's test split is its first examples, and nothing trained on changes
+    a, b = build(task, 0, SMALL, 48), build(task, 0, {**SMALL, "test": 90}, 48)
+    for split in ("train", "validation"):
+        assert rows_of(a[split]) == rows_of(b[split])
+    assert len(b["test"]) == 90
+    assert rows_of(b["test"])[:SMALL["test"]] == rows_of(a["test"])
+
+
 @pytest.mark.parametrize("task", ["retrieval", "vqa", "instruct", "digits"])
 def test_splits_share_no_image(task):
     d = build(task, 0, SMALL, 48)

@@ -1,0 +1,203 @@
+"""The exported models of comp_table.py's runs, scored again on a larger test split (BENCHMARKS.md,
+"The same models on 2,000 test examples").
+
+    .venv/bin/python benchmarks/rescore.py [--task blip:nlvr] [--test-size 2000] [--against upop]
+
+MiniVL's test split of 500 gives an accuracy a binomial standard error of about 1.8 points at 80%,
+as large as the differences the CoMP goal is about. The generator fills each split in the order
+its examples are drawn, so a larger `test_size` keeps train and validation as they were and makes
+the old test split the first 500 examples of the new one; nothing trained or selected on it.
+
+For every row of benchmarks/results/comp.json measured on the zoo model's current build whose run
+directory still holds that run (its report matches the row), the export is loaded with
+`mmprune.load`'s loader and scored per example. The first 500 must reproduce the recorded metric
+(else the row is reported, not rescored). Methods are compared with the one named by `--against`
+at the same FLOPs target and seed, on the same examples: a paired bootstrap of the difference.
+Its interval is the test sample's uncertainty for those two trained models only; another run
+seed moves a method by more, so compare seeds too.
+On NLVR each row also has the accuracy by statement kind (one image shows a colour, both do,
+more objects, more objects of a colour), to show which questions a pruning method loses.
+Rows go to benchmarks/results/rescore.json (classification tasks only: NLVR).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from comp_table import RESULTS, zoo_build
+from results_file import merge_rows
+
+from mmprune.data.batching import iterate_batches
+from mmprune.models.loading import load_model
+from mmprune.plugins.manager import get_registry
+from mmprune.recipe import ModelSpec, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "rescore.json"
+RUNS = ROOT / "runs" / "bench" / "comp"
+ORIGINAL_TEST = 500
+
+
+def hits(adapter, test, batch_size: int = 32) -> np.ndarray:
+    """1 where the model's answer is right, per test example, in split order."""
+    adapter.model.eval()
+    out = []
+    with torch.inference_mode():
+        for batch in iterate_batches(adapter, test, batch_size):
+            out += (adapter.forward(batch).argmax(-1) == batch["labels"]).tolist()
+    return np.array(out, dtype=float)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean(a) - mean(b) in points, resampling examples (both models see each)."""
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(n, len(a)))
+    diffs = 100 * (a[idx].mean(1) - b[idx].mean(1))
+    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def cached_hits(run: Path, reg, test) -> np.ndarray:
+    """`hits` of a run's export, kept in the run directory under the run's finish time (a rerun
+    of the method replaces the directory's run and so misses the cache)."""
+    finished = json.loads((run / "run.json").read_text())["finished"].replace(":", "")
+    cache = run / f"rescore_hits_{len(test)}_{finished}.npy"
+    if cache.exists():
+        return np.load(cache)
+    adapter, _ = load_model(ModelSpec(path=str(run / "model")), reg, 0, log=lambda m: None)
+    h = hits(adapter, test)
+    np.save(cache, h)
+    return h
+
+
+#: NLVR statement kinds, by the generator's templates (mmprune/data/minivl/language.py)
+STATEMENT_KINDS = (("count", re.compile(r"has more objects")), ("colour count", re.compile(r"has more \w+ objects")),
+                   ("both", re.compile(r"^both images")), ("one image", re.compile(r"image shows")))
+
+
+def statement_kinds(test) -> list[str] | None:
+    """The kind of each test statement (NLVR), in split order; None for other tasks."""
+    if "statement" not in test.column_names:
+        return None
+    return [next((k for k, rx in STATEMENT_KINDS if rx.search(s)), "other") for s in test["statement"]]
+
+
+def by_kind(h: np.ndarray, kinds: list[str] | None) -> dict[str, float]:
+    if kinds is None:
+        return {}
+    k = np.array(kinds)
+    return {name: round(float(100 * h[k == name].mean()), 1) for name in dict.fromkeys(kinds)}
+
+
+def check_prefix(recipe, reg, adapter, test) -> None:
+    """The recipe's own test split must be the first examples of the larger one."""
+    params = recipe.data.params.model_copy(update={"test_size": ORIGINAL_TEST})
+    small = reg.datasets[recipe.data.source](params, recipe.seed).load(adapter)["test"]
+    head = test.select(range(ORIGINAL_TEST))
+    for col in small.column_names:
+        a, b = small.with_format("numpy")[col], head.with_format("numpy")[col]
+        if len(a) != len(b) or any(not np.array_equal(x, y) for x, y in zip(a, b)):
+            raise SystemExit(f"the test split of {ORIGINAL_TEST} is not the start of the larger one "
+                             f"(column {col!r} differs): the generator changed; rescoring would mix splits")
+
+
+def runs_of(family: str, task: str, build: str) -> list[tuple[dict, Path]]:
+    """comp.json rows of the current build whose run directory still holds the run."""
+    found = []
+    for row in json.loads(RESULTS.read_text()):
+        if (row["family"], row["task"], row.get("zoo_build")) != (family, task, build):
+            continue
+        d = RUNS / f"{family}_{task}_{row['method']}_{row['flops_reduction']}_s{row['seed']}"
+        if not (d / "report.json").exists() or not (d / "model").is_dir():
+            continue
+        report = json.loads((d / "report.json").read_text())
+        head = report["headline_metric"]
+        if (round(report["final"]["metrics"][head], 2) != row["value"] or report["seed"] != row["seed"]
+                or round(report["baseline"]["metrics"][head], 2) != row["dense_value"]):
+            continue      # the directory was overwritten by a later run of another build
+        found.append((row, d))
+    return found
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--task", default="blip:nlvr", choices=["blip:nlvr"],
+                    help="a task scored by per-example accuracy (NLVR's true/false)")
+    ap.add_argument("--test-size", type=int, default=2000)
+    ap.add_argument("--against", default="upop", help="method every other is compared with")
+    args = ap.parse_args()
+    family, task = args.task.split(":")
+    reg = get_registry()
+    recorded = load_recipe(ROOT / "recipes" / f"comp_{family}_{task}.yaml", reg).data.params.test_size
+    if recorded != ORIGINAL_TEST or args.test_size <= ORIGINAL_TEST:
+        raise SystemExit(f"the recipes measure on {recorded} test examples and this script extends "
+                         f"{ORIGINAL_TEST}; --test-size must be larger than {ORIGINAL_TEST}")
+    recipe = load_recipe(ROOT / "recipes" / f"comp_{family}_{task}.yaml", reg,
+                         (f"data.test_size={args.test_size}",))
+    build = zoo_build(recipe.model.zoo)
+    dense, _ = load_model(recipe.model, reg, recipe.seed, log=lambda m: None)
+    test = reg.datasets[recipe.data.source](recipe.data.params, recipe.seed).load(dense)["test"]
+    check_prefix(recipe, reg, dense, test)
+    scored = {("dense", 0.0, 0): hits(dense, test)}
+    kinds = statement_kinds(test)
+    print(f"dense: {100 * scored[('dense', 0.0, 0)].mean():.2f} on {len(test)}, by statement "
+          f"{by_kind(scored[('dense', 0.0, 0)], kinds)}", flush=True)
+    rows = []
+    for row, d in runs_of(family, task, build):
+        h = cached_hits(d, reg, test)
+        first = round(100 * h[:ORIGINAL_TEST].mean(), 2)
+        key = (row["method"], row["flops_reduction"], row["seed"])
+        if first != row["value"]:
+            print(f"{d.name}: the first {ORIGINAL_TEST} give {first}, the row says {row['value']}; "
+                  "not rescored", flush=True)
+            continue
+        scored[key] = h
+        rows.append({"family": family, "task": task, "method": key[0], "flops_reduction": key[1],
+                     "seed": key[2], "zoo_build": build, "test_size": len(test),
+                     "value_500": row["value"], "value": round(100 * h.mean(), 2),
+                     "rest": round(100 * h[ORIGINAL_TEST:].mean(), 2),
+                     "dense_value": round(100 * scored[("dense", 0.0, 0)].mean(), 2),
+                     "by_statement": by_kind(h, kinds),
+                     "dense_by_statement": by_kind(scored[("dense", 0.0, 0)], kinds)})
+        print(f"{d.name}: {row['value']} on 500, {rows[-1]['value']} on {len(test)}", flush=True)
+    for r in rows:
+        base = scored.get((args.against, r["flops_reduction"], r["seed"]))
+        if base is not None and r["method"] != args.against:
+            lo, hi = paired_bootstrap(scored[(r["method"], r["flops_reduction"], r["seed"])], base)
+            r[f"minus_{args.against}"] = round(r["value"] - 100 * base.mean(), 2)
+            r[f"minus_{args.against}_ci95"] = [round(lo, 2), round(hi, 2)]
+    merge_rows(OUT, rows, ("family", "task", "method", "flops_reduction", "seed", "zoo_build",
+                           "test_size"))
+    print(table(rows, args.against))
+    if kinds is not None:
+        print(kind_table(rows))
+
+
+def kind_table(rows: list[dict]) -> str:
+    """Accuracy by NLVR statement kind, the dense model first."""
+    if not rows:
+        return ""
+    names = list(rows[0]["by_statement"]) if rows else []
+    lines = [f"| model | target | seed | {' | '.join(names)} |", "|---|---|---|" + "---|" * len(names),
+             f"| dense | – | – | {' | '.join(str(rows[0]['dense_by_statement'][n]) for n in names)} |"]
+    for r in sorted(rows, key=lambda r: (r["flops_reduction"], r["method"], r["seed"])):
+        lines.append(f"| {r['method']} | {r['flops_reduction']} | {r['seed']} | "
+                     f"{' | '.join(str(r['by_statement'][n]) for n in names)} |")
+    return "\n".join(lines)
+
+
+def table(rows: list[dict], against: str) -> str:
+    lines = [f"| method | target | seed | on 500 | on the other {rows[0]['test_size'] - ORIGINAL_TEST if rows else 0} "
+             f"| on all | minus {against} (95% CI) |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["flops_reduction"], r["method"], r["seed"])):
+        ci = r.get(f"minus_{against}_ci95")
+        diff = f"{r[f'minus_{against}']:+.1f} ({ci[0]:+.1f}, {ci[1]:+.1f})" if ci else ""
+        lines.append(f"| {r['method']} | {r['flops_reduction']} | {r['seed']} | {r['value_500']:.1f} | "
+                     f"{r['rest']:.1f} | {r['value']:.1f} | {diff} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
