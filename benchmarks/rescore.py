@@ -92,10 +92,8 @@ def by_kind(h: np.ndarray, kinds: list[str] | None) -> dict[str, float]:
     return {name: round(float(100 * h[k == name].mean()), 1) for name in dict.fromkeys(kinds)}
 
 
-def check_prefix(recipe, reg, adapter, test) -> None:
+def check_prefix(small, test) -> None:
     """The recipe's own test split must be the first examples of the larger one."""
-    params = recipe.data.params.model_copy(update={"test_size": ORIGINAL_TEST})
-    small = reg.datasets[recipe.data.source](params, recipe.seed).load(adapter)["test"]
     head = test.select(range(ORIGINAL_TEST))
     for col in small.column_names:
         a, b = small.with_format("numpy")[col], head.with_format("numpy")[col]
@@ -133,22 +131,22 @@ def main() -> None:
     args = ap.parse_args()
     family, task = args.task.split(":")
     reg = get_registry()
-    recorded = load_recipe(ROOT / "recipes" / f"comp_{family}_{task}.yaml", reg).data.params.test_size
-    if recorded != ORIGINAL_TEST or args.test_size <= ORIGINAL_TEST:
-        raise SystemExit(f"the recipes measure on {recorded} test examples and this script extends "
-                         f"{ORIGINAL_TEST}; --test-size must be larger than {ORIGINAL_TEST}")
-    recipe = load_recipe(ROOT / "recipes" / f"comp_{family}_{task}.yaml", reg,
-                         (f"data.test_size={args.test_size}",))
+    recipe = load_recipe(ROOT / "recipes" / f"comp_{family}_{task}.yaml", reg)
+    recorded = recipe.data.params
+    if recorded.test_size != ORIGINAL_TEST or args.test_size <= ORIGINAL_TEST:
+        raise SystemExit(f"the recipes measure on {recorded.test_size} test examples and this script "
+                         f"extends {ORIGINAL_TEST}; --test-size must be larger than {ORIGINAL_TEST}")
     build = zoo_build(recipe.model.zoo)
     dense, _ = load_model(recipe.model, reg, recipe.seed, log=lambda m: None)
-    test = reg.datasets[recipe.data.source](recipe.data.params, recipe.seed).load(dense)["test"]
-    check_prefix(recipe, reg, dense, test)
-    scored = {("dense", 0.0, 0): hits(dense, test)}
-    dense_first = round(100 * scored[("dense", 0.0, 0)][:ORIGINAL_TEST].mean(), 2)
+    source = reg.datasets[recipe.data.source]
+    test = source(recorded.model_copy(update={"test_size": args.test_size}), recipe.seed).load(dense)["test"]
+    check_prefix(source(recorded, recipe.seed).load(dense)["test"], test)
+    dense_hits = hits(dense, test)
+    dense_first = round(100 * dense_hits[:ORIGINAL_TEST].mean(), 2)
     kinds = statement_kinds(test)
-    print(f"dense: {100 * scored[('dense', 0.0, 0)].mean():.2f} on {len(test)}, by statement "
-          f"{by_kind(scored[('dense', 0.0, 0)], kinds)}", flush=True)
-    rows = []
+    print(f"dense: {100 * dense_hits.mean():.2f} on {len(test)}, by statement "
+          f"{by_kind(dense_hits, kinds)}", flush=True)
+    scored, rows = {}, []
     for row, d in runs_of(family, task, build):
         h = cached_hits(d, reg, test)
         first = round(100 * h[:ORIGINAL_TEST].mean(), 2)
@@ -163,9 +161,9 @@ def main() -> None:
                      "achieved_flops_reduction": row["achieved_flops_reduction"],
                      "value_500": row["value"], "value": round(100 * h.mean(), 2),
                      "rest": round(100 * h[ORIGINAL_TEST:].mean(), 2),
-                     "dense_value": round(100 * scored[("dense", 0.0, 0)].mean(), 2),
+                     "dense_value": round(100 * dense_hits.mean(), 2),
                      "by_statement": by_kind(h, kinds),
-                     "dense_by_statement": by_kind(scored[("dense", 0.0, 0)], kinds)})
+                     "dense_by_statement": by_kind(dense_hits, kinds)})
         print(f"{d.name}: {row['value']} on 500, {rows[-1]['value']} on {len(test)}", flush=True)
     achieved = {(r["method"], r["flops_reduction"], r["seed"]): r["achieved_flops_reduction"] for r in rows}
     for r in rows:
@@ -188,7 +186,7 @@ def kind_table(rows: list[dict]) -> str:
     """Accuracy by NLVR statement kind, the dense model first."""
     if not rows:
         return ""
-    names = list(rows[0]["by_statement"]) if rows else []
+    names = list(rows[0]["by_statement"])
     lines = [f"| model | target | seed | {' | '.join(names)} |", "|---|---|---|" + "---|" * len(names),
              f"| dense | – | – | {' | '.join(str(rows[0]['dense_by_statement'][n]) for n in names)} |"]
     for r in sorted(rows, key=lambda r: (r["flops_reduction"], r["method"], r["seed"])):
