@@ -46,10 +46,8 @@ ORIGINAL_TEST = 500
 def hits(adapter, test, batch_size: int = 32) -> np.ndarray:
     """1 where the model's answer is right, per test example, in split order."""
     adapter.model.eval()
-    out = []
     with torch.inference_mode():
-        for batch in iterate_batches(adapter, test, batch_size):
-            out += (adapter.forward(batch).argmax(-1) == batch["labels"]).tolist()
+        out = adapter.nlvr_hits(iterate_batches(adapter, test, batch_size))
     return np.array(out, dtype=float)
 
 

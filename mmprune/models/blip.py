@@ -269,11 +269,16 @@ class BlipRetrievalAdapter(_BlipBase):
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:
         if task == "nlvr":
-            hits = []
-            for batch in batches:
-                hits += (self.forward(batch).argmax(-1) == batch["labels"]).tolist()
-            return {"accuracy": inputs.accuracy(hits)}
+            return {"accuracy": inputs.accuracy(self.nlvr_hits(batches))}
         return self._retrieval_metrics(list(batches))
+
+    def nlvr_hits(self, batches: Iterable[dict[str, torch.Tensor]]) -> list[bool]:
+        """Whether each NLVR example is answered right, in batch order (per-example accuracy, for
+        paired comparisons of two models on the same examples)."""
+        hits = []
+        for batch in batches:
+            hits += (self.forward(batch).argmax(-1) == batch["labels"]).tolist()
+        return hits
 
     def _retrieval_metrics(self, batches: list[dict]) -> dict[str, float]:
         states, valid, img, txt, ids, masks = [], [], [], [], [], []

@@ -128,3 +128,16 @@ def test_the_config_architecture_picks_the_adapter():
     reg = get_registry()
     assert adapter_for("blip", reg, ["BlipForQuestionAnswering"]) is BlipVQAAdapter
     assert adapter_for("blip", reg, ["BlipForImageTextRetrieval"]) is BlipRetrievalAdapter
+
+
+def test_nlvr_hits_are_per_example_and_average_to_the_accuracy():
+    a = make(BlipRetrievalAdapter)
+    a.model.eval()
+    test = data("nlvr")["test"]
+    with torch.no_grad():
+        hits = a.nlvr_hits(iterate_batches(a, test, 5))     # 16 examples: a short last batch
+        acc = a.evaluate(iterate_batches(a, test, 8), "nlvr")["accuracy"]
+        labels = torch.tensor([int(r["label"]) for r in test])
+        by_hand = (a.forward(collate_rows(a, test, list(range(len(test))))).argmax(-1) == labels).tolist()
+    assert len(hits) == len(test) and hits == by_hand
+    assert acc == pytest.approx(100 * sum(hits) / len(hits))
