@@ -6,6 +6,9 @@ target, every seed as a dot and their mean as a line, with the zoo's dense model
 model trained as long as a search (`dense_ft`) as horizontal lines.
 
     .venv/bin/python benchmarks/comp_plot.py --task blip:nlvr --dense 69.8
+
+With `--rescored`, the metric of each run is the one `rescore.py` measured on its larger test
+split (benchmarks/results/rescore.json); runs it did not rescore are left out.
 """
 from __future__ import annotations
 
@@ -22,13 +25,27 @@ from results_file import GENERATOR_FIELD, MINIVL_GENERATOR
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {"comp": "CoMP", "upop": "parameters only (UPop-like)", "tokens": "tokens only (MADTP-like)",
-          "sjp": "tokens, then parameters"}
+          "sjp": "tokens, then parameters",
+          "comp_late_floor": "CoMP, late image-token sites + floor"}
 
 
 def build_rows(rows: list[dict], family: str, task: str, dense: float) -> list[dict]:
     """The current generator's rows of one task and zoo build."""
     return [r for r in rows if r.get(GENERATOR_FIELD, 1) == MINIVL_GENERATOR
             and (r["family"], r["task"]) == (family, task) and abs(r["dense_value"] - dense) < 1e-6]
+
+
+def rescored(rows: list[dict], path: Path = RESULTS / "rescore.json") -> tuple[list[dict], float, str]:
+    """`rows` with `value` from rescore.py's larger test split (rows it did not rescore dropped),
+    the dense model's value on that split, and the split's name for the axis."""
+    def key(r: dict) -> tuple:
+        return r["family"], r["task"], r["method"], r["flops_reduction"], r.get("seed", 0), r.get("zoo_build")
+    big = {key(r): r for r in json.loads(path.read_text())}
+    out = [{**r, "value": big[key(r)]["value"]} for r in rows if key(r) in big]
+    if not out:
+        raise SystemExit(f"none of these rows is in {path}: run benchmarks/rescore.py first")
+    first = big[key(out[0])]
+    return out, first["dense_value"], f"test ({first['test_size']} examples)"
 
 
 def by_method(rows: list[dict], field: str) -> dict[str, dict[float, list[float]]]:
@@ -40,7 +57,7 @@ def by_method(rows: list[dict], field: str) -> dict[str, dict[float, list[float]
     return out
 
 
-def plot(rows: list[dict], family: str, task: str, dense: float, path: Path) -> None:
+def plot(rows: list[dict], family: str, task: str, dense: float, path: Path, split: str = "test") -> None:
     fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, field in ((ax_m, "value"), (ax_s, "speedup")):
         measured = by_method(rows, field)
@@ -58,9 +75,9 @@ def plot(rows: list[dict], family: str, task: str, dense: float, path: Path) -> 
     if trained:
         ax_m.axhline(trained[0], color="grey", ls=":", lw=1,
                      label=f"dense, trained as long ({trained[0]:g})")
-    ax_m.set_ylabel(f"test {metric}")
+    ax_m.set_ylabel(f"{split} {metric}")
     ax_s.set_ylabel("measured speedup vs dense (same run)")
-    ax_m.set_title(f"{family} {task}: test {metric} (dots: seeds, line: mean)")
+    ax_m.set_title(f"{family} {task}: {split} {metric} (dots: seeds, line: mean)", fontsize=10)
     ax_s.set_title("latency speedup")
     ax_m.legend(fontsize=8)
     fig.tight_layout()
@@ -74,13 +91,18 @@ def main() -> None:
     ap.add_argument("--dense", type=float, required=True, help="the build's dense metric (comp.json's dense_value)")
     ap.add_argument("--suffix", default="", help="added to the figure's file name, so a new build's "
                     "figure does not replace one that BENCHMARKS.md shows for an older build")
+    ap.add_argument("--rescored", action="store_true", help="the metric rescore.py measured on its "
+                    "larger test split instead of the run's own (speedups stay the run's)")
     args = ap.parse_args()
     family, task = args.task.split(":")
     rows = build_rows(json.loads((RESULTS / "comp.json").read_text()), family, task, args.dense)
     if not rows:
         raise SystemExit(f"no rows for {args.task} with dense_value {args.dense} in {RESULTS / 'comp.json'}")
+    dense, split = args.dense, "test"
+    if args.rescored:
+        rows, dense, split = rescored(rows)
     path = RESULTS / f"comp_{family}_{task}{args.suffix}.png"
-    plot(rows, family, task, args.dense, path)
+    plot(rows, family, task, dense, path, split)
     print(path)
 
 
