@@ -40,10 +40,18 @@ def rescored(rows: list[dict], path: Path = RESULTS / "rescore.json") -> tuple[l
     the dense model's value on that split, and the split's name for the axis."""
     def key(r: dict) -> tuple:
         return r["family"], r["task"], r["method"], r["flops_reduction"], r.get("seed", 0), r.get("zoo_build")
-    big = {key(r): r for r in json.loads(path.read_text())}
+    big: dict[tuple, dict] = {}
+    for r in json.loads(path.read_text()):
+        if key(r) in big:      # rescored at two test sizes: which one to plot is not ours to guess
+            raise SystemExit(f"{path} scores {key(r)} twice (test sizes {big[key(r)]['test_size']} "
+                             f"and {r['test_size']}): keep one")
+        big[key(r)] = r
     out = [{**r, "value": big[key(r)]["value"]} for r in rows if key(r) in big]
     if not out:
         raise SystemExit(f"none of these rows is in {path}: run benchmarks/rescore.py first")
+    for r in rows:
+        if key(r) not in big:
+            print(f"not rescored, left out: {r['method']} at {r['flops_reduction']}, seed {r.get('seed', 0)}")
     first = big[key(out[0])]
     return out, first["dense_value"], f"test ({first['test_size']} examples)"
 

@@ -272,6 +272,7 @@ class BlipRetrievalAdapter(_BlipBase):
             return {"accuracy": inputs.accuracy(self.nlvr_hits(batches))}
         return self._retrieval_metrics(list(batches))
 
+    @torch.no_grad()
     def nlvr_hits(self, batches: Iterable[dict[str, torch.Tensor]]) -> list[bool]:
         """Whether each NLVR example is answered right, in batch order (per-example accuracy, for
         paired comparisons of two models on the same examples)."""
