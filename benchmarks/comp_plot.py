@@ -46,12 +46,14 @@ def rescored(rows: list[dict], path: Path = RESULTS / "rescore.json") -> tuple[l
             raise SystemExit(f"{path} scores {key(r)} twice (test sizes {big[key(r)]['test_size']} "
                              f"and {r['test_size']}): keep one")
         big[key(r)] = r
-    out = [{**r, "value": big[key(r)]["value"]} for r in rows if key(r) in big]
+    out = []
+    for r in rows:
+        if key(r) in big:
+            out.append({**r, "value": big[key(r)]["value"]})
+        else:
+            print(f"not rescored, left out: {r['method']} at {r['flops_reduction']}, seed {r.get('seed', 0)}")
     if not out:
         raise SystemExit(f"none of these rows is in {path}: run benchmarks/rescore.py first")
-    for r in rows:
-        if key(r) not in big:
-            print(f"not rescored, left out: {r['method']} at {r['flops_reduction']}, seed {r.get('seed', 0)}")
     first = big[key(out[0])]
     return out, first["dense_value"], f"test ({first['test_size']} examples)"
 

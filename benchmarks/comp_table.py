@@ -154,10 +154,15 @@ def zoo_build(name: str | None) -> str:
     return hashlib.sha256((zoo_dir(name) / MANIFEST).read_bytes()).hexdigest()[:12] if name else "-"
 
 
+def run_dir(family: str, task: str, method: str, ratio: float, seed: int) -> Path:
+    """Where `run_one` writes a run (and rescore.py finds its export)."""
+    return ROOT / "runs" / "bench" / "comp" / f"{family}_{task}_{method}_{ratio}_s{seed}"
+
+
 def run_one(family: str, task: str, method: str, ratio: float, seed: int = 0) -> dict:
     recipe, extra = methods(family, task)[method]
     reg = get_registry()
-    out = ROOT / "runs" / "bench" / "comp" / f"{family}_{task}_{method}_{ratio}_s{seed}"
+    out = run_dir(family, task, method, ratio, seed)
     rec = load_recipe(recipe, reg, tuple(targets(method, ratio) + extra + [f"seed={seed}"]))
     t0 = time.perf_counter()
     report = run(rec, reg, out=out, overwrite=True, show_progress=False, log=lambda m: None)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from comp_table import RESULTS, zoo_build
+from comp_table import RESULTS, run_dir, zoo_build
 from results_file import merge_rows
 
 from mmprune.data.batching import iterate_batches
@@ -39,7 +39,6 @@ from mmprune.recipe import ModelSpec, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "rescore.json"
-RUNS = ROOT / "runs" / "bench" / "comp"
 ORIGINAL_TEST = 500
 
 
@@ -106,7 +105,7 @@ def runs_of(family: str, task: str, build: str) -> list[tuple[dict, Path]]:
     for row in json.loads(RESULTS.read_text()):
         if (row["family"], row["task"], row.get("zoo_build")) != (family, task, build):
             continue
-        d = RUNS / f"{family}_{task}_{row['method']}_{row['flops_reduction']}_s{row.get('seed', 0)}"
+        d = run_dir(family, task, row["method"], row["flops_reduction"], row.get("seed", 0))
         if not (d / "report.json").exists() or not (d / "model").is_dir():
             print(f"{d.name}: no run directory with an export; not rescored", flush=True)
             continue
@@ -141,9 +140,10 @@ def main() -> None:
     check_prefix(source(recorded, recipe.seed).load(dense)["test"], test)
     dense_hits = hits(dense, test)
     dense_first = round(100 * dense_hits[:ORIGINAL_TEST].mean(), 2)
+    dense_value = round(100 * dense_hits.mean(), 2)
     kinds = statement_kinds(test)
-    print(f"dense: {100 * dense_hits.mean():.2f} on {len(test)}, by statement "
-          f"{by_kind(dense_hits, kinds)}", flush=True)
+    dense_kinds = by_kind(dense_hits, kinds)
+    print(f"dense: {dense_value:.2f} on {len(test)}, by statement {dense_kinds}", flush=True)
     scored, rows = {}, []
     for row, d in runs_of(family, task, build):
         h = cached_hits(d, reg, test)
@@ -159,9 +159,8 @@ def main() -> None:
                      "achieved_flops_reduction": row["achieved_flops_reduction"],
                      "value_500": row["value"], "value": round(100 * h.mean(), 2),
                      "rest": round(100 * h[ORIGINAL_TEST:].mean(), 2),
-                     "dense_value": round(100 * dense_hits.mean(), 2),
-                     "by_statement": by_kind(h, kinds),
-                     "dense_by_statement": by_kind(dense_hits, kinds)})
+                     "dense_value": dense_value, "by_statement": by_kind(h, kinds),
+                     "dense_by_statement": dense_kinds})
         print(f"{d.name}: {row['value']} on 500, {rows[-1]['value']} on {len(test)}", flush=True)
     achieved = {(r["method"], r["flops_reduction"], r["seed"]): r["achieved_flops_reduction"] for r in rows}
     for r in rows:
