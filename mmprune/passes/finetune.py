@@ -26,7 +26,9 @@ class FinetuneParams(PassParams):
     eval_every: int | None = Field(None, ge=1, description="Validate every this many steps "
                                    "(default: once at the end).")
     select: bool = Field(True, description="Keep the weights of the best validation evaluation "
-                         "(else the last), among those within the FLOPs target.")
+                         "(else the last), among those within the FLOPs target; when none is "
+                         "(the search stopped short of its target), among those with the "
+                         "fewest FLOPs.")
     max_flops: float | None = Field(None, gt=0.0, description="Largest mean validation FLOPs per "
                                     "example a selected step may have (default: the last comp "
                                     "pass's target plus its tolerance, of the decoder's FLOPs "
@@ -61,6 +63,7 @@ class Finetune(Pass):
         stream = batch_stream(ctx, p.train_split, p.batch_size, ctx.seed + 17)
         every = p.eval_every or p.steps
         history, best, best_state, best_thetas = [], None, None, {}
+        best_rank: tuple = ()
         losses = []
         for step, batch in enumerate(ctx.progress(islice(stream, p.steps), "finetune", total=p.steps), 1):
             losses.append(trainer.step(batch))
@@ -77,11 +80,17 @@ class Finetune(Pass):
                                 **({"theta": refit} if refit else {})})
                 ctx.log(f"finetune step {step}: validation {q:.2f}, FLOPs {flops:.4g}"
                         + ("" if ok else " (above the target)"))
-                if ok and (best is None or q > best["quality"]):
-                    best = history[-1]
+                # within the limit, the best quality; where no step is (a search that stopped
+                # at its floors, short of the target), the fewest FLOPs, then the best quality
+                rank = (not ok, 0.0 if ok else flops, -q)
+                if not best_rank or rank < best_rank:
+                    best, best_rank = history[-1], rank
                     if p.select:
                         best_state = copy.deepcopy(ctx.model.state_dict())
                         best_thetas = token_thetas(ctx)
+        if best is not None and not best["within_target"]:
+            ctx.log(f"finetune: no validation step is within the FLOPs limit {limit:.4g}; "
+                    f"step {best['step']} has the fewest FLOPs")
         if p.select and best_state is not None and best["step"] != p.steps:
             ctx.model.load_state_dict(best_state)
             rt = runtime_of(ctx.model)

@@ -48,6 +48,18 @@ def test_finetune_trains_with_tokens_pruned_and_selects_on_validation(ctx):
     assert changed
 
 
+def test_with_no_step_within_the_flops_limit_the_best_validation_step_is_kept(ctx):
+    """A search stopped at its floors, short of its target: every step has the same FLOPs, so
+    the best one on validation is kept, not the last by default."""
+    Finetune(FinetuneParams(steps=4, batch_size=8, lr=1e-3, eval_every=1, max_flops=1.0)).run(ctx)
+    state = ctx.state["finetune"][0]
+    hist = state["history"]
+    assert not any(h["within_target"] for h in hist) and len({h["flops"] for h in hist}) == 1
+    best = max(hist, key=lambda h: h["quality"])
+    assert state["selected_step"] == best["step"]
+    assert len({h["quality"] for h in hist}) > 1     # the choice was not a tie
+
+
 def test_distillation_from_the_dense_model(ctx):
     from mmprune.training import distillation_loss
     from tests.conftest import clone
