@@ -29,10 +29,13 @@ LABELS = {"comp": "CoMP", "upop": "parameters only (UPop-like)", "tokens": "toke
           "comp_late_floor": "CoMP, late image-token sites + floor"}
 
 
-def build_rows(rows: list[dict], family: str, task: str, dense: float) -> list[dict]:
-    """The current generator's rows of one task and zoo build."""
+def build_rows(rows: list[dict], family: str, task: str, dense: float,
+               zoo_build: str | None = None) -> list[dict]:
+    """The current generator's rows of one task and zoo build (two builds can share a dense
+    metric: `zoo_build` tells them apart where the rows carry it)."""
     return [r for r in rows if r.get(GENERATOR_FIELD, 1) == MINIVL_GENERATOR
-            and (r["family"], r["task"]) == (family, task) and abs(r["dense_value"] - dense) < 1e-6]
+            and (r["family"], r["task"]) == (family, task) and abs(r["dense_value"] - dense) < 1e-6
+            and (zoo_build is None or r.get("zoo_build") == zoo_build)]
 
 
 def rescored(rows: list[dict], path: Path = RESULTS / "rescore.json") -> tuple[list[dict], float, str]:
@@ -101,13 +104,17 @@ def main() -> None:
     ap.add_argument("--dense", type=float, required=True, help="the build's dense metric (comp.json's dense_value)")
     ap.add_argument("--suffix", default="", help="added to the figure's file name, so a new build's "
                     "figure does not replace one that BENCHMARKS.md shows for an older build")
+    ap.add_argument("--zoo-build", help="only rows of this zoo build (comp.json's zoo_build)")
     ap.add_argument("--rescored", action="store_true", help="the metric rescore.py measured on its "
                     "larger test split instead of the run's own (speedups stay the run's)")
     args = ap.parse_args()
     family, task = args.task.split(":")
-    rows = build_rows(json.loads((RESULTS / "comp.json").read_text()), family, task, args.dense)
+    rows = build_rows(json.loads((RESULTS / "comp.json").read_text()), family, task, args.dense,
+                      args.zoo_build)
     if not rows:
-        raise SystemExit(f"no rows for {args.task} with dense_value {args.dense} in {RESULTS / 'comp.json'}")
+        raise SystemExit(f"no rows for {args.task} with dense_value {args.dense}"
+                         f"{f' and zoo_build {args.zoo_build}' if args.zoo_build else ''} in "
+                         f"{RESULTS / 'comp.json'}")
     dense, split = args.dense, "test"
     if args.rescored:
         rows, dense, split = rescored(rows)

@@ -33,6 +33,8 @@ class ModeScheduler:
     memory: Literal["ema", "median"] = "ema"
     window: int = 5
     exploration: Literal["random", "stride"] = "random"
+    #: most stages one mode may run in a row after the warm-up (None: no limit, the paper)
+    max_run: int | None = None
     #: modes in turn whatever they cost (the CIM-only ablation): no warm-up, exploration or history
     round_robin: bool = False
     picks: int = 0                                               # choices after the warm-up
@@ -52,10 +54,14 @@ class ModeScheduler:
                              f"{self.memory!r} / {self.window}")
         if self.exploration not in ("random", "stride"):
             raise ValueError(f"exploration is 'random' or 'stride', not {self.exploration!r}")
+        if self.max_run is not None and self.max_run < 1:
+            raise ValueError(f"max_run is at least 1 (or None), not {self.max_run}")
         self.modes = [m for m in CANONICAL if m in self.modes]
         self.last = {m: 0 for m in self.modes}
         self._rng = random.Random(self.seed)
         self._turn: str | None = None
+        self._run: tuple[str | None, int] = (None, 0)     # the mode chosen last, and how many in a row
+        self._run_before: tuple[str | None, int] = (None, 0)
 
     @property
     def active(self) -> list[str]:
@@ -75,18 +81,43 @@ class ModeScheduler:
         if not active:
             return None
         self.stage += 1
+        mode, why = self._choose(active, prices)
+        self._run_before = self._run
+        self._run = (mode, self._run[1] + 1 if mode == self._run[0] else 1)
+        return mode, why
+
+    def _choose(self, active: list[str], prices: dict[str, float] | None) -> tuple[str, str]:
         if self.round_robin:
             return self._next_in_turn(active), "turn"
         fresh = [] if prices is not None else [m for m in active if m not in self.cost]
         if fresh:
             return fresh[0], "warm-up"
+        capped = self._capped(active)
+        if capped is not None:
+            active = [m for m in active if m != capped]
         if self._explores():
             logits = [(self.stage - self.last[m]) / self.tau for m in active]
             top = max(logits)
             weights = [math.exp(x - top) for x in logits]
             return self._rng.choices(active, weights=weights)[0], "explore"
         cost = self.cost if prices is None else {m: self._new_cost(m, r) for m, r in prices.items()}
-        return min(active, key=lambda m: (cost[m], self.modes.index(m))), "exploit"
+        cheapest = min(active, key=lambda m: (cost[m], self.modes.index(m)))
+        if capped is not None and cost[capped] <= cost[cheapest]:
+            return cheapest, "capped"        # the argmin, had its run not reached max_run
+        return cheapest, "exploit"
+
+    def _capped(self, active: list[str]) -> str | None:
+        """The mode that ran the last `max_run` stages in a row, when another can run instead.
+
+        Deviation (max_run): Eq. (5) updates a mode's cost only when it runs, so while one mode
+        keeps winning, the others are priced by stages run long ago, on a model since cut
+        elsewhere; with ρ = 0.2 a run can last 25 stages (the first of Random(0)'s draws below
+        0.2 is its 26th). A cap makes MPS re-price the cheapest other mode on the model as it is.
+        """
+        mode, n = self._run
+        if self.max_run is None or n < self.max_run or mode not in active or len(active) < 2:
+            return None
+        return mode
 
     def _next_in_turn(self, active: list[str]) -> str:
         """The first of `active` after the mode chosen last, in canonical order, cyclically."""
@@ -141,6 +172,7 @@ class ModeScheduler:
         """`mode` cannot remove a quantum any more: never choose it again; the stage did not run."""
         self.exhausted.add(mode)
         self.stage -= 1
+        self._run = self._run_before
 
     def retire(self, mode: str) -> None:
         """`mode` ran its last stage (it removed what it could, less than a quantum)."""

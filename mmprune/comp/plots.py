@@ -9,7 +9,7 @@ from mmprune.comp.mps import CANONICAL
 COLOURS = {"vision_tokens": "#1f77b4", "language_tokens": "#ff7f0e", "vision_params": "#2ca02c",
            "language_params": "#d62728", "cross_params": "#9467bd"}
 #: why MPS chose a stage's mode -> its marker
-MARKERS = {"warm-up": "s", "explore": "^", "exploit": "o", "turn": "D"}
+MARKERS = {"warm-up": "s", "explore": "^", "exploit": "o", "turn": "D", "capped": "P"}
 
 
 def plot_trajectory(result: dict[str, Any], path: Path, task: str) -> Path:
@@ -41,6 +41,8 @@ def plot_trajectory(result: dict[str, Any], path: Path, task: str) -> Path:
     title = "MPS: mode per stage (square: warm-up, triangle: exploration, circle: lowest cost)"
     if any(t.get("why") == "turn" for t in stages):
         title = "Round-robin: mode per stage (modes in turn, whatever they cost)"
+    if any(t.get("why") == "capped" for t in stages):
+        title += "\nplus: lowest cost but for a mode that had run max_run stages in a row"
     if any(t.get("undone") for t in stages):
         title += "\nred x: stage undone (lost more than rollback_drop of its quality)"
     if any("lookahead" in t for t in stages):

@@ -134,7 +134,8 @@ class CompSearch:
         else:
             self.scheduler = ModeScheduler(self.modes, rho=p.rho, tau=p.tau, lambda0=p.lambda0,
                                            i_max=p.i_max, seed=ctx.seed, memory=p.cost_memory,
-                                           window=p.cost_window, exploration=p.exploration)
+                                           window=p.cost_window, exploration=p.exploration,
+                                           max_run=p.max_run)
         self.frozen: dict[str, set[int]] = {gid: set() for gid in self.graph.groups}
         # units whose stage was undone (rollback_drop): the model needs them, later plans skip them
         self.kept: dict[str, set[int]] = {gid: set() for gid in self.graph.groups}

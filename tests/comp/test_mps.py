@@ -251,3 +251,39 @@ def test_round_robin_takes_modes_in_turn_whatever_they_cost():
     s.exhaust("language_tokens")      # chosen, could not remove a quantum: the turn passes on
     s.retire("language_params")
     assert [s.choose()[0] for _ in range(4)] == ["vision_params", "vision_tokens"] * 2
+
+
+CHEAP_VISION_TOKENS = dict(vision_tokens=0.1, language_tokens=3.0, vision_params=1.0,
+                           language_params=2.0)
+
+
+def test_max_run_hands_the_stage_after_a_run_to_the_cheapest_other_mode():
+    got = _choices(ModeScheduler(MODES, rho=0.0, max_run=3), CHEAP_VISION_TOKENS, 4 + 12)[4:]
+    assert got == ([("vision_tokens", "exploit")] * 3 + [("vision_params", "capped")]) * 3
+    uncapped = _run(ModeScheduler(MODES, rho=0.0), CHEAP_VISION_TOKENS, 4 + 12)[4:]
+    assert uncapped == ["vision_tokens"] * 12
+
+
+def test_max_run_also_keeps_exploration_off_the_capped_mode():
+    traj = _run(ModeScheduler(MODES, rho=0.5, seed=1, max_run=1), CHEAP_VISION_TOKENS, 4 + 60)
+    assert all(a != b for a, b in zip(traj[4:], traj[5:]))
+
+
+def test_an_exhausted_choice_does_not_end_the_run_it_interrupted():
+    s = ModeScheduler(MODES, rho=0.0, max_run=2)
+    _run(s, CHEAP_VISION_TOKENS, 4 + 2)                      # warm-up, then two vision-token stages
+    assert s.choose() == ("vision_params", "capped")
+    s.exhaust("vision_params")                                # its plan was empty: no stage ran
+    assert s.choose() == ("language_params", "capped")
+
+
+def test_max_run_does_not_apply_to_the_last_mode_left():
+    s = ModeScheduler(["vision_tokens", "vision_params"], rho=0.0, max_run=1)
+    _run(s, CHEAP_VISION_TOKENS, 2 + 1)
+    s.exhausted.add("vision_params")
+    assert s.choose() == ("vision_tokens", "exploit")
+
+
+def test_max_run_below_one_is_refused():
+    with pytest.raises(ValueError, match="max_run is at least 1"):
+        ModeScheduler(MODES, max_run=0)

@@ -53,13 +53,14 @@ def test_comp_reaches_the_target_and_exports(write_recipe, registry, tmp_path):
     assert export_test_metrics(out / "model") == report["final"]["metrics"]
 
 
-def test_median_memory_and_stride_exploration_reach_the_scheduler(write_recipe, registry,
-                                                                 tmp_path):
+def test_median_memory_stride_exploration_and_max_run_reach_the_scheduler(write_recipe, registry,
+                                                                         tmp_path):
     """Median memory prices each mode by its last stage costs; stride exploration explores at
-    every 1/ρ-th choice after the warm-up (one run for both: a search this long is slow)."""
+    every 1/ρ-th choice after the warm-up; max_run 1 never runs a mode twice in a row (one run
+    for all three: a search this long is slow)."""
     report = _run(write_recipe, registry, tmp_path / "run",
                   {"target": 0.5, "stage_quantum": 0.05, "cost_memory": "median",
-                   "cost_window": 3, "exploration": "stride", "rho": 0.5})
+                   "cost_window": 3, "exploration": "stride", "rho": 0.5, "max_run": 1})
     traj = report["state"]["comp"][0]["trajectory"][1:]
     seen: dict[str, list[float]] = {}
     for t in traj:
@@ -68,6 +69,8 @@ def test_median_memory_and_stride_exploration_reach_the_scheduler(write_recipe, 
     assert max(len(v) for v in seen.values()) > 3      # some mode's median dropped a cost
     whys = [t["why"] for t in traj if t["why"] != "warm-up"]
     assert "explore" in whys and all(a != b for a, b in zip(whys, whys[1:])), whys
+    modes = [t["mode"] for t in traj]
+    assert all(a != b for a, b in zip(modes, modes[1:])), modes
 
 
 def test_round_robin_schedule_runs_the_modes_in_turn(write_recipe, registry, tmp_path):
