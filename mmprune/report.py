@@ -83,8 +83,11 @@ def _comp_section(state: dict) -> list[str]:
             lines.append(f"| {t['stage']} | {t['mode']} | {why} | {t['flops']:.3f} | "
                          f"{t['quality']:.2f} | {t['r']:.3g} |")
     for f in state.get("finetune", []):
+        within = any(h.get("within_target", True) for h in f["history"])
+        rule = ("best validation within the FLOPs target" if within else
+                "no step within the FLOPs target: best validation among the fewest FLOPs")
         lines += ["", f"Fine-tuning: {f['steps']} steps; selected step {f['selected_step']} "
-                  "(best validation within the FLOPs target): "
+                  f"({rule}): "
                   + ", ".join(f"{h['step']}: {h['quality']:.2f}" for h in f["history"]) + "."]
     return lines
 

@@ -33,7 +33,8 @@ class ModeScheduler:
     memory: Literal["ema", "median"] = "ema"
     window: int = 5
     exploration: Literal["random", "stride"] = "random"
-    #: most stages one mode may run in a row after the warm-up (None: no limit, the paper)
+    #: most stages one mode may run in a row, its warm-up stage included; the cap acts after the
+    #: warm-up (None: no limit, the paper)
     max_run: int | None = None
     #: modes in turn whatever they cost (the CIM-only ablation): no warm-up, exploration or history
     round_robin: bool = False
@@ -101,8 +102,11 @@ class ModeScheduler:
             weights = [math.exp(x - top) for x in logits]
             return self._rng.choices(active, weights=weights)[0], "explore"
         cost = self.cost if prices is None else {m: self._new_cost(m, r) for m, r in prices.items()}
-        cheapest = min(active, key=lambda m: (cost[m], self.modes.index(m)))
-        if capped is not None and cost[capped] <= cost[cheapest]:
+
+        def rank(m: str) -> tuple[float, int]:
+            return cost[m], self.modes.index(m)
+        cheapest = min(active, key=rank)
+        if capped is not None and rank(capped) < rank(cheapest):
             return cheapest, "capped"        # the argmin, had its run not reached max_run
         return cheapest, "exploit"
 

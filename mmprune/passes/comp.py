@@ -51,10 +51,12 @@ class CompParams(PassParams):
                                                      "below 0.2 at the 26th). The mode explored is "
                                                      "drawn as before.")
     max_run: int | None = Field(None, ge=1, description="Most stages one mode may run in a row "
-                                "after the warm-up; then the next stage is chosen among the "
+                                "(its warm-up stage counts; undone stages count); then the next "
+                                "stage, after the warm-up, is chosen among the "
                                 "others, so their costs are measured again on the model as it "
                                 "is (null: no limit, the paper). Eq. 5 updates a cost only when "
-                                "its mode runs, and with rho 0.2 a run can last 25 stages.")
+                                "its mode runs, and with rho 0.2 a run can last 25 stages. "
+                                "Unused under schedule 'round_robin'.")
     lambda0: float = Field(0.4, ge=0.0, le=1.0, description="History weight λ₀ of a mode run in the "
                            "previous stage (0: no history).")
     i_max: int = Field(5, ge=1, description="Stages after which a mode's old cost is forgotten.")

@@ -28,7 +28,7 @@ class FinetuneParams(PassParams):
     select: bool = Field(True, description="Keep the weights of the best validation evaluation "
                          "(else the last), among those within the FLOPs target; when none is "
                          "(the search stopped short of its target), among those with the "
-                         "fewest FLOPs.")
+                         "fewest FLOPs (within 0.5% of each other).")
     max_flops: float | None = Field(None, gt=0.0, description="Largest mean validation FLOPs per "
                                     "example a selected step may have (default: the last comp "
                                     "pass's target plus its tolerance, of the decoder's FLOPs "
@@ -42,6 +42,21 @@ class FinetuneParams(PassParams):
     val_split: FitSplit = Field("validation", description="Split that selects the step (never test).")
     val_examples: int | None = Field(None, ge=1, description="Validation examples per evaluation "
                                      "(default: the whole split).")
+
+
+#: FLOPs within this share of each other are one budget (token-pruned steps drift a little)
+FLOPS_TIE = 0.005
+
+
+def _better(step: dict, best: dict | None) -> bool:
+    """Whether validation `step` beats `best`: within the FLOPs limit, by quality; where no step
+    is (a search stopped at its floors, short of its target), by fewer FLOPs first, steps within
+    FLOPS_TIE of each other by quality; a step within the limit beats every step above it."""
+    if best is None or step["within_target"] != best["within_target"]:
+        return best is None or step["within_target"]
+    if not step["within_target"] and abs(step["flops"] - best["flops"]) > FLOPS_TIE * best["flops"]:
+        return step["flops"] < best["flops"]
+    return step["quality"] > best["quality"]
 
 
 class Finetune(Pass):
@@ -63,7 +78,6 @@ class Finetune(Pass):
         stream = batch_stream(ctx, p.train_split, p.batch_size, ctx.seed + 17)
         every = p.eval_every or p.steps
         history, best, best_state, best_thetas = [], None, None, {}
-        best_rank: tuple = ()
         losses = []
         for step, batch in enumerate(ctx.progress(islice(stream, p.steps), "finetune", total=p.steps), 1):
             losses.append(trainer.step(batch))
@@ -80,17 +94,14 @@ class Finetune(Pass):
                                 **({"theta": refit} if refit else {})})
                 ctx.log(f"finetune step {step}: validation {q:.2f}, FLOPs {flops:.4g}"
                         + ("" if ok else " (above the target)"))
-                # within the limit, the best quality; where no step is (a search that stopped
-                # at its floors, short of the target), the fewest FLOPs, then the best quality
-                rank = (not ok, 0.0 if ok else flops, -q)
-                if not best_rank or rank < best_rank:
-                    best, best_rank = history[-1], rank
+                if _better(history[-1], best):
+                    best = history[-1]
                     if p.select:
                         best_state = copy.deepcopy(ctx.model.state_dict())
                         best_thetas = token_thetas(ctx)
-        if best is not None and not best["within_target"]:
+        if p.select and best is not None and not best["within_target"]:
             ctx.log(f"finetune: no validation step is within the FLOPs limit {limit:.4g}; "
-                    f"step {best['step']} has the fewest FLOPs")
+                    f"kept step {best['step']}, the best among the fewest FLOPs")
         if p.select and best_state is not None and best["step"] != p.steps:
             ctx.model.load_state_dict(best_state)
             rt = runtime_of(ctx.model)

@@ -56,8 +56,21 @@ def test_with_no_step_within_the_flops_limit_the_best_validation_step_is_kept(ct
     hist = state["history"]
     assert not any(h["within_target"] for h in hist) and len({h["flops"] for h in hist}) == 1
     best = max(hist, key=lambda h: h["quality"])
-    assert state["selected_step"] == best["step"]
-    assert len({h["quality"] for h in hist}) > 1     # the choice was not a tie
+    assert state["selected_step"] == best["step"] != 4      # the last step would be the old rule's
+
+
+def test_steps_above_the_limit_rank_by_flops_then_quality_within_a_tie():
+    from mmprune.passes.finetune import _better
+
+    def step(flops, quality, ok=False):
+        return {"flops": flops, "quality": quality, "within_target": ok}
+
+    assert _better(step(100.0, 10.0), step(110.0, 50.0))        # fewer FLOPs first
+    assert _better(step(100.2, 50.0), step(100.0, 10.0))        # within 0.5%: one budget
+    assert not _better(step(100.0, 10.0), step(100.2, 50.0))
+    assert _better(step(200.0, 1.0, ok=True), step(100.0, 50.0))  # within the limit beats above it
+    assert not _better(step(90.0, 99.0), step(200.0, 1.0, ok=True))
+    assert _better(step(200.0, 2.0, ok=True), step(150.0, 1.0, ok=True))
 
 
 def test_distillation_from_the_dense_model(ctx):
