@@ -119,9 +119,6 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         # no mode runs more than three stages in a row: the others are priced again on the
         # model as it is (seed 0 ran 25 image-token stages in a row on the converged NLVR model)
         "comp_max_run": (comp, ["passes.0.comp.max_run=3"]),
-        "comp_late_floor_max_run": (comp, ["passes.0.comp.token_layers={vision: [1, 2, 3]}",
-                                           "passes.0.comp.min_token_frac={vision_tokens: 0.25}",
-                                           "passes.0.comp.max_run=3"]),
         # a mode whose next stage would remove under a quarter of a quantum is retired
         "comp_retire": (comp, ["passes.0.comp.retire_below=0.25"]),
         # a stage that loses more than a tenth of its starting quality is undone

@@ -61,8 +61,7 @@ class ModeScheduler:
         self.last = {m: 0 for m in self.modes}
         self._rng = random.Random(self.seed)
         self._turn: str | None = None
-        self._run: tuple[str | None, int] = (None, 0)     # the mode chosen last, and how many in a row
-        self._run_before: tuple[str | None, int] = (None, 0)
+        self._chosen: list[str] = []          # each stage's mode, exhausted choices taken back
 
     @property
     def active(self) -> list[str]:
@@ -83,8 +82,7 @@ class ModeScheduler:
             return None
         self.stage += 1
         mode, why = self._choose(active, prices)
-        self._run_before = self._run
-        self._run = (mode, self._run[1] + 1 if mode == self._run[0] else 1)
+        self._chosen.append(mode)
         return mode, why
 
     def _choose(self, active: list[str], prices: dict[str, float] | None) -> tuple[str, str]:
@@ -118,10 +116,11 @@ class ModeScheduler:
         elsewhere; with ρ = 0.2 a run can last 25 stages (the first of Random(0)'s draws below
         0.2 is its 26th). A cap makes MPS re-price the cheapest other mode on the model as it is.
         """
-        mode, n = self._run
-        if self.max_run is None or n < self.max_run or mode not in active or len(active) < 2:
+        if self.max_run is None or len(self._chosen) < self.max_run or len(active) < 2:
             return None
-        return mode
+        mode = self._chosen[-1]
+        in_a_row = all(m == mode for m in self._chosen[-self.max_run:])
+        return mode if in_a_row and mode in active else None
 
     def _next_in_turn(self, active: list[str]) -> str:
         """The first of `active` after the mode chosen last, in canonical order, cyclically."""
@@ -176,7 +175,8 @@ class ModeScheduler:
         """`mode` cannot remove a quantum any more: never choose it again; the stage did not run."""
         self.exhausted.add(mode)
         self.stage -= 1
-        self._run = self._run_before
+        if self._chosen:
+            self._chosen.pop()
 
     def retire(self, mode: str) -> None:
         """`mode` ran its last stage (it removed what it could, less than a quantum)."""
