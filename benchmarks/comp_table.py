@@ -116,6 +116,20 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         # (27% on average): below that even a perfect score loses information
         "comp_late_floor": (comp, ["passes.0.comp.token_layers={vision: [1, 2, 3]}",
                                    "passes.0.comp.min_token_frac={vision_tokens: 0.25}"]),
+        # image tokens ranked by how unlike the image's other patches they are, not by the
+        # attention they receive (token_localization.py: AUC 0.88 against 0.61-0.68 for the
+        # patches objects touch); the token-only baseline gets the same score
+        "comp_distinct": (comp, ["passes.0.comp.token_score={vision_tokens: distinct}"]),
+        "tokens_distinct": (tokens, ["passes.0.comp.token_score={vision_tokens: distinct}"]),
+        # and image tokens dropped once, after the ViT's first block: the carried score re-cut
+        # at later sites compounds (before fine-tuning, one site at block 0 keeps 85.8 at 48% of
+        # the FLOPs where sites at every block keep 80.3 at 42%; token_localization.py --curve)
+        "comp_distinct_first": (comp, ["passes.0.comp.token_score={vision_tokens: distinct}",
+                                       "passes.0.comp.token_layers={vision: [0]}"]),
+        # the control: one image-token site after the ViT's first block, ranked by attention
+        "comp_first": (comp, ["passes.0.comp.token_layers={vision: [0]}"]),
+        "tokens_distinct_first": (tokens, ["passes.0.comp.token_score={vision_tokens: distinct}",
+                                           "passes.0.comp.token_layers={vision: [0]}"]),
         # no mode runs more than three stages in a row: the others are priced again on the
         # model as it is (seed 0 ran 25 image-token stages in a row on the converged NLVR model)
         "comp_max_run": (comp, ["passes.0.comp.max_run=3"]),

@@ -8,15 +8,20 @@ object patches above the background. MiniVL knows where its objects are, so this
 
 - each dense zoo model (`--dense`), per ViT block: how well each candidate score ranks the
   8 x 8 patches an object touches: CIT's attention received (heads combined by max, the ViT
-  default, or by mean) and the CLS token's attention (EViT's score). Columns: object patches among the top 30% and
+  default, or by mean), the CLS token's attention (EViT's score) and the distinctiveness
+  (1 − mean cosine similarity to the other patches, `token_score: distinct`). Columns: object patches among the top 30% and
   15% of patches (recall) and the ROC AUC of the score for "an object touches this patch"
   (0.5: no better than chance).
 - each exported model given, per token site: the share of all patches it keeps, and of object
   patches (the runtime's own kept sets, θ and floors as exported).
+- `--curve N` (with an NLVR zoo model, the first `--dense`): accuracy on N fresh statement
+  pairs against the share of the dense FLOPs left when image tokens are dropped by the
+  runtime's keep rule at θ (`--thetas`), at every ViT block or at some, ranked by attention
+  received or by distinctiveness. No fine-tuning.
 - `--nlvr N` (with an NLVR zoo model, the first `--dense`): how much of the dense model's
   accuracy on N fresh statement pairs survives when, at one ViT block (`--block`), each image
   keeps only as many patches as its objects touch (x `--budget`), chosen by the object masks
-  (an oracle), by the runtime's attention score (CIT), or at random. No fine-tuning: it asks
+  (an oracle), by the runtime's attention score (CIT), by distinctiveness, or at random. No fine-tuning: it asks
   whether the information is in few patches, and whether the score finds them.
 
 Writes benchmarks/results/token_localization.json and prints markdown tables.
@@ -90,26 +95,35 @@ def recall_at(score: np.ndarray, positive: np.ndarray, share: float) -> float:
     return float(np.mean(hit / positive.sum(1).clip(min=1)))
 
 
-def candidate_scores(attn: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per patch scores [B, patches] from one block's attention [B, H, N, N] (CLS at 0)."""
+def candidate_scores(attn: torch.Tensor, hidden: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per patch scores [B, patches] from one block's attention [B, H, N, N] (CLS at 0) and its
+    hidden states [B, N, D] after attention, where a token site scores."""
     b, _, n, _ = attn.shape
     valid = torch.ones(b, n, dtype=torch.bool)
     cls = torch.zeros_like(valid)
     cls[:, 0] = True
     return {"received (max)": T.attention_received(attn, valid, cls, reduce="max")[:, 1:].numpy(),
             "received (mean)": T.attention_received(attn, valid, cls, reduce="mean")[:, 1:].numpy(),
-            "CLS attention": attn[:, :, 0, 1:].mean(1).numpy()}
+            "CLS attention": attn[:, :, 0, 1:].mean(1).numpy(),
+            "distinctiveness": T.distinctiveness(hidden, valid & ~cls)[:, 1:].numpy()}
 
 
 @torch.inference_mode()
 def score_table(name: str, images, positive) -> list[dict]:
     adapter, _ = load_model(ModelSpec(zoo=name, attn_implementation="eager"), get_registry(), 0)
     px = adapter.image_processor(images, return_tensors="pt")["pixel_values"]
-    attentions = adapter.model.vision_model(pixel_values=px, output_attentions=True).attentions
+    after_attention = []      # the residual stream between attention and MLP: layer_norm2's input
+    hooks = [layer.layer_norm2.register_forward_pre_hook(lambda m, a: after_attention.append(a[0]))
+             for layer in adapter.model.vision_model.encoder.layers]
+    try:
+        attentions = adapter.model.vision_model(pixel_values=px, output_attentions=True).attentions
+    finally:
+        for h in hooks:
+            h.remove()
     some = (positive.sum(1) > 0) & (positive.sum(1) < positive.shape[1])
     rows = []
     for layer, attn in enumerate(attentions):
-        for kind, s in candidate_scores(attn).items():
+        for kind, s in candidate_scores(attn, after_attention[layer]).items():
             rows.append({"model": name, "block": layer, "score": kind,
                          "recall_top30": round(recall_at(s, positive, 0.3), 3),
                          "recall_top15": round(recall_at(s, positive, 0.15), 3),
@@ -154,16 +168,17 @@ def nlvr_pairs(n: int, seed: int) -> tuple[list[dict], np.ndarray]:
     return rows, np.stack(masks["left"] + masks["right"])
 
 
-def choose_kept(policy: str, positive: np.ndarray, scores: torch.Tensor, budget: float,
+def choose_kept(policy: str, positive: np.ndarray, scores: dict[str, torch.Tensor], budget: float,
                 rng: np.random.Generator) -> torch.Tensor:
-    """[rows, patches] bool: `budget` x as many patches as each image's objects touch."""
+    """[rows, patches] bool: `budget` x as many patches as each image's objects touch. `scores`:
+    the runtime's attention score and the distinctiveness, [rows, patches] each."""
     kept = np.zeros_like(positive)
     for i, pos in enumerate(positive):
         k = min(len(pos), max(1, round(budget * pos.sum())))
         if policy == "objects":
-            order = np.lexsort((-scores[i].numpy(), ~pos))     # object patches first, by score
-        elif policy == "attention":
-            order = np.argsort(-scores[i].numpy(), kind="stable")
+            order = np.lexsort((-scores["attention"][i].numpy(), ~pos))   # object patches first, by score
+        elif policy in ("attention", "distinct"):
+            order = np.argsort(-scores[policy][i].numpy(), kind="stable")
         else:
             order = rng.permutation(len(pos))
         kept[i, order[:k]] = True
@@ -185,7 +200,8 @@ def oracle_table(name: str, n: int, block: int, budgets: list[float], seed: int)
 
     def drop_chosen(st, s, site, layer):      # the site keeps CLS and the chosen patches
         if "kept" not in chosen:              # first pass: record the runtime's scores
-            chosen["scores"] = s[:, 1:].clone()
+            chosen["scores"] = {"attention": s[:, 1:].clone(),
+                                "distinct": T.distinctiveness(st.x, st.valid & ~st.global_)[:, 1:]}
             return drop(st, s, SiteControl(theta=0.0), layer)
         keep = torch.cat([st.protected[:, :1], chosen["kept"]], dim=1) & st.valid
         index, valid = T.compaction(keep)
@@ -197,7 +213,7 @@ def oracle_table(name: str, n: int, block: int, budgets: list[float], seed: int)
     tower._drop = drop_chosen
     adapter.evaluate(iter([batch]), "nlvr")
     for budget in budgets:
-        for policy in ("objects", "attention", "random"):
+        for policy in ("objects", "attention", "distinct", "random"):
             chosen["kept"] = choose_kept(policy, positive, chosen["scores"], budget,
                                          np.random.default_rng(seed))
             acc = adapter.evaluate(iter([batch]), "nlvr")["accuracy"]
@@ -205,6 +221,41 @@ def oracle_table(name: str, n: int, block: int, budgets: list[float], seed: int)
                         "kept": round(float(chosen["kept"].float().mean()), 3),
                         "accuracy": round(acc, 1)})
     tower._drop = drop
+    return out
+
+
+#: (ViT blocks with a site, score) of the `--curve` test
+CURVES = [([0, 1, 2, 3], "attention"), ([0, 1, 2, 3], "distinct"), ([0], "attention"),
+          ([0], "distinct"), ([0, 2], "distinct"), ([1, 2, 3], "distinct")]
+
+
+@torch.inference_mode()
+def curve_table(name: str, n: int, thetas: list[float], seed: int) -> list[dict]:
+    """The dense NLVR model, no fine-tuning, image tokens dropped at θ by the runtime's own keep
+    rule (floor 5%) for each (sites, score) of CURVES: accuracy on n fresh statement pairs
+    against the share of the dense FLOPs per example (analytic cost model)."""
+    adapter, _ = load_model(ModelSpec(zoo=name), get_registry(), 0)
+    rows, _ = nlvr_pairs(n, seed)
+    batches = [adapter.collate(rows[i:i + 100]) for i in range(0, n, 100)]
+    graph = trace(adapter)
+    rt = TokenRuntime.attach(graph)
+
+    def measured() -> tuple[float, float]:
+        correct, flops = 0.0, []
+        for b in batches:
+            correct += adapter.evaluate(iter([b]), "nlvr")["accuracy"] * len(b["labels"]) / 100
+            flops.append(torch.as_tensor(graph.cost.flops_per_example(rt.counts())))
+        return 100 * correct / n, float(torch.cat(flops).mean())
+
+    dense, f0 = measured()
+    out = [{"sites": "-", "score": "dense", "theta": None, "accuracy": round(dense, 1), "flops": 1.0}]
+    for layers, score in CURVES:
+        for theta in thetas:
+            rt.set_sites("vision", SiteControl(theta=theta, min_keep_frac=0.05, score=score), layers=layers)
+            acc, f = measured()
+            out.append({"sites": layers, "score": score, "theta": theta, "accuracy": round(acc, 1),
+                        "flops": round(f / f0, 3)})
+        rt.set_sites("vision", None)
     return out
 
 
@@ -219,15 +270,19 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=1, help="ViT block of the kept-set test's site")
     ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 2.0],
                     help="patches kept per image, as a multiple of those its objects touch")
+    ap.add_argument("--curve", type=int, default=0, help="statement pairs of the accuracy-FLOPs "
+                    "test of the token sites and scores (0: skip)")
+    ap.add_argument("--thetas", type=float, nargs="+", default=[0.7, 0.8, 0.9, 1.0, 1.1, 1.3])
     a = ap.parse_args()
     images, positive = scenes_with_objects(a.images, a.seed)
     scores = [r for name in a.dense for r in score_table(name, images, positive)]
     kept = [r for e in a.exports for r in kept_table(e, images, positive)]
     oracle = oracle_table(a.dense[0], a.nlvr, a.block, a.budgets, a.seed) if a.nlvr else []
+    curve = curve_table(a.dense[0], a.curve, a.thetas, a.seed + 1) if a.curve else []
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "token_localization.json").write_text(json.dumps(
         {"images": a.images, "seed": a.seed, "object_patch_share": round(float(positive.mean()), 3),
-         "scores": scores, "kept": kept, "kept_set_test": oracle}, indent=1) + "\n")
+         "scores": scores, "kept": kept, "kept_set_test": oracle, "curve": curve}, indent=1) + "\n")
     print(f"object patches: {positive.mean():.0%} of all ({a.images} scenes)\n")
     print("| model | block | score | objects in top 30% | in top 15% | AUC |\n|---|---:|---|---:|---:|---:|")
     for r in scores:
@@ -243,6 +298,11 @@ def main() -> None:
               "|---|---:|---:|---:|")
         for r in oracle:
             print(f"| {r['policy']} | {r['budget'] or '-'} | {r['kept']:.2f} | {r['accuracy']:.1f} |")
+    if curve:
+        print(f"\n{a.curve} NLVR pairs, image tokens dropped, no fine-tuning\n")
+        print("| sites (ViT blocks) | score | θ | FLOPs left | accuracy |\n|---|---|---:|---:|---:|")
+        for r in curve:
+            print(f"| {r['sites']} | {r['score']} | {r['theta'] or '-'} | {r['flops']:.3f} | {r['accuracy']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -144,7 +144,8 @@ class CompSearch:
             if mode in self.token_modes:
                 tower = self.token_modes[mode]
                 layers = p.token_layers.get(tower) if p.token_layers else None
-                self.rt.enable_token_mode(mode, p.token_floor(mode), p.merge_dropped == "fuse_one", layers)
+                self.rt.enable_token_mode(mode, p.token_floor(mode), p.merge_dropped == "fuse_one", layers,
+                                          score=p.score_of(mode))
         self.v_sub = self._fixed_batches(p.val_split, p.v_sub, ctx.seed + 1)
         self.probe = self._fixed_batches(p.train_split, p.probe_set, ctx.seed + 2)
         self.trajectory: list[dict] = []

@@ -14,6 +14,7 @@ from mmprune.training import Trainer, dense_teacher, is_main
 
 Mode = Literal["vision_tokens", "language_tokens", "vision_params", "language_params", "cross_params"]
 TokenMode = Literal["vision_tokens", "language_tokens"]
+TokenScore = Literal["attention", "distinct"]
 DEFAULT_MIN_TOKEN_FRAC = 0.05
 
 
@@ -123,6 +124,18 @@ class CompParams(PassParams):
         "token mode, or one per mode ({vision_tokens: 0.05, language_tokens: 0.5}; a mode not "
         "named keeps 0.05). A caption has a dozen candidates where an image has 64, so a floor "
         "on language tokens keeps MPS from emptying the text tower when each stage looks cheap.")
+    token_score: TokenScore | dict[TokenMode, TokenScore] = Field(
+        "attention", description="What ranks a token mode's candidates at its sites: "
+        "'attention', the attention they receive, head-masked (CIT, the paper); 'distinct', 1 − "
+        "their mean cosine similarity to the tower's other tokens, measured at the first site "
+        "that drops (every token still there: later, the last background tokens would be the "
+        "unusual ones) and carried to the later sites, which cut the survivors again at θ. One "
+        "score for every token mode, or one per mode ({vision_tokens: distinct}; a mode not "
+        "named uses attention). On MiniVL the patches objects touch get an AUC of 0.87-0.90 by "
+        "distinctiveness against 0.61-0.74 by attention received, and a single site after the "
+        "ViT's first block (token_layers {vision: [0]}) keeps the most accuracy per FLOP "
+        "(benchmarks/token_localization.py, BENCHMARKS.md). CIP still weighs parameters by the "
+        "attention score. A decoder LLM's sites rank by attention only.")
     score_norm: Literal["zscore_per_kind", "none"] = Field("zscore_per_kind", description="How head "
                                                            "and channel scores are made comparable.")
     cost_metric: Literal["val_metric", "val_loss"] = Field("val_metric", description="Quality Q "
@@ -196,6 +209,12 @@ class CompParams(PassParams):
             if not 0.0 <= share <= 1.0:
                 raise ValueError(f"a share of tokens lies in [0, 1], not {share}")
         return v
+
+    def score_of(self, mode: str) -> str:
+        """The `token_score` of token mode `mode`."""
+        if isinstance(self.token_score, dict):
+            return self.token_score.get(mode, "attention")
+        return self.token_score
 
     def token_floor(self, mode: str) -> float:
         """The `min_token_frac` of token mode `mode`."""

@@ -22,6 +22,8 @@ from mmprune.runtime.tower import ManagedTower, Observer, SiteControl
 ATTR = "_mmprune_runtime"
 #: the token mode of each managed tower's sites (CLIP, BLIP); a decoder's sites serve both modes
 TOKEN_TOWERS = {"vision_tokens": "vision", "language_tokens": "language"}
+#: what a managed tower's sites may rank tokens by (SiteControl.score)
+SCORES = ("attention", "distinct")
 
 
 class TokenRuntime:
@@ -168,10 +170,16 @@ class TokenRuntime:
         return {m: t for m, t in TOKEN_TOWERS.items() if t in self.towers}
 
     def enable_token_mode(self, mode: str, min_keep_frac: float, merge: bool = False,
-                          layers: list[int] | None = None) -> None:
+                          layers: list[int] | None = None, score: str = "attention") -> None:
         """Sites for `mode` at θ = 0 (nothing dropped yet): every block of a managed tower, or the
-        decoder's PyramidDrop boundaries round(L·{1/4, 1/2, 3/4}) (comp.md §4)."""
+        decoder's PyramidDrop boundaries round(L·{1/4, 1/2, 3/4}) (comp.md §4). `score` ranks a
+        managed tower's tokens (SiteControl.score); a decoder's sites rank by attention only."""
+        if score not in SCORES:
+            raise MMPruneError(f"token score must be one of {', '.join(SCORES)}, not {score!r}")
         if self.decoder is not None:
+            if score != "attention":
+                raise MMPruneError(f"a decoder LLM's token sites rank tokens by attention only; "
+                                   f"{mode} asks for the '{score}' score")
             d = self.decoder
             if not d.sites:
                 layers = pdrop_layers(len(d.controls)) if layers is None else layers
@@ -186,7 +194,7 @@ class TokenRuntime:
         if self.theta(tower) == 0.0:
             # a merged token has no place in causal order: causal towers only drop
             merge = merge and not self.towers[tower].spec.causal
-            self.set_sites(tower, SiteControl(0.0, min_keep_frac, merge), layers)
+            self.set_sites(tower, SiteControl(0.0, min_keep_frac, merge, score), layers)
 
     def mode_theta(self, mode: str) -> float:
         if self.decoder is not None:
@@ -278,7 +286,10 @@ class TokenRuntime:
     def apply_policy(self, policy: dict[str, Any]) -> None:
         for name, entry in policy.get("towers", {}).items():
             site = SiteControl(theta=float(entry["theta"]), min_keep_frac=float(entry["min_keep_frac"]),
-                               merge=bool(entry["merge"]))
+                               merge=bool(entry["merge"]), score=str(entry.get("score", "attention")))
+            if site.score not in SCORES:
+                raise MMPruneError(f"saved token policy of tower '{name}': score {site.score!r} is "
+                                   f"not one of {', '.join(SCORES)}")
             self.set_sites(name, site, list(entry["layers"]))
         for t in self.towers.values():
             t.head_reduce = policy.get("head_reduce", "max")

@@ -1,4 +1,5 @@
-"""Token importance from attention (CIT), the keep rule, and the CIP token weights (comp.md §3-4)."""
+"""Token importance from attention (CIT) or from how unlike the other tokens a token is, the keep
+rule, and the CIP token weights (comp.md §3-4)."""
 from __future__ import annotations
 
 import torch
@@ -16,6 +17,22 @@ def attention_received(probs: torch.Tensor, valid: torch.Tensor, global_: torch.
     queries = (valid & ~global_).to(per_key.dtype)                    # [B, N]
     s = torch.einsum("bnk,bn->bk", per_key, queries)
     return s * (valid & ~global_).to(s.dtype)
+
+
+def distinctiveness(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """1 − the mean cosine similarity of each token to the other `reference` tokens [B, N].
+
+    `x` [B, N, D] are the hidden states at a site, `reference` [B, N] the tokens compared with
+    (an image's patches). Patches of a flat background resemble one another and score low; an
+    object's patches are unlike most of the image and score high, whichever heads attend to
+    them. Scores of tokens outside `reference` are computed against it too.
+    """
+    u = torch.nn.functional.normalize(x.float(), dim=-1)
+    ref = reference.to(u.dtype)
+    sim = (u @ u.transpose(1, 2)) * ref[:, None, :]                   # [B, N, N], keys in ref
+    self_sim = (u * u).sum(-1) * ref                                  # a token's own term
+    others = (ref.sum(dim=1, keepdim=True) - ref).clamp_min(1.0)
+    return (1.0 - (sim.sum(-1) - self_sim) / others).clamp_min(0.0).to(x.dtype)
 
 
 def reduce_heads(probs: torch.Tensor, head_mask: torch.Tensor | None, reduce: str) -> torch.Tensor:

@@ -30,6 +30,10 @@ class SiteControl:
     theta: float = 0.0
     min_keep_frac: float = 0.05
     merge: bool = False
+    #: what ranks the candidates: 'attention', the attention they receive (CIT); 'distinct',
+    #: how unlike the image's other tokens they are, measured once at the tower's first
+    #: dropping site (against every token) and carried to the later sites
+    score: str = "attention"
 
 
 @dataclass
@@ -62,6 +66,7 @@ class _State:
     candidates0: torch.Tensor     # candidate count at the tower input, per example
     fused: torch.Tensor | None = None   # [B, N] marks the merged token, when merging
     mass: torch.Tensor | None = None    # [B] accumulated score mass of the merged token
+    distinct: torch.Tensor | None = None   # [B, N] distinctiveness from the first dropping site
 
 
 @dataclass
@@ -199,9 +204,16 @@ class ManagedTower:
 
     def _drop(self, st: _State, s: torch.Tensor, site: SiteControl, layer: int):
         cand = st.valid & ~st.protected
-        scores = T.normalise(s, cand)
         if site.theta <= 0:
             return st, s
+        if site.score == "distinct":
+            # measured where every token is still there: once the background is mostly gone,
+            # the last background tokens would be the unusual ones
+            if st.distinct is None:
+                st.distinct = T.distinctiveness(st.x.detach(), st.valid & ~st.global_)
+            scores = T.normalise(st.distinct, cand)
+        else:
+            scores = T.normalise(s, cand)
         floor = T.min_keep_count(st.candidates0, site.min_keep_frac)
         keep = T.keep_mask(scores, cand, st.protected, site.theta, floor)
         keep &= st.valid
@@ -212,7 +224,8 @@ class ManagedTower:
         g = lambda t: T.gather_tokens(t, index)
         new = _State(g(st.x), valid, g(st.protected) & valid, g(st.global_) & valid,
                      g(st.position), st.candidates0,
-                     None if st.fused is None else g(st.fused) & valid, st.mass)
+                     None if st.fused is None else g(st.fused) & valid, st.mass,
+                     None if st.distinct is None else g(st.distinct) * valid.to(st.distinct.dtype))
         self.last_kept[layer] = (new.position, valid)
         return new, g(s) * valid.to(s.dtype)
 
@@ -231,7 +244,8 @@ class ManagedTower:
                         torch.cat([st.global_, z], 1),
                         torch.cat([st.position, st.position.new_full((b, 1), st.position.shape[1])], 1),
                         st.candidates0, torch.cat([torch.zeros_like(st.valid), has[:, None]], 1),
-                        torch.zeros(b, dtype=st.x.dtype, device=st.x.device))
+                        torch.zeros(b, dtype=st.x.dtype, device=st.x.device),
+                        None if st.distinct is None else F.pad(st.distinct, (0, 1)))
             keep = torch.cat([keep, has[:, None]], 1)
         total = (st.mass + mass).clamp_min(1e-12)
         slot = st.fused.to(st.x.dtype).unsqueeze(-1)                      # [B, N, 1]

@@ -187,17 +187,21 @@ def test_a_decoder_scope_without_a_decoder_is_a_clear_error(write_recipe, regist
         _run(write_recipe, registry, tmp_path / "run", {"flops_scope": "decoder"})
 
 
-def test_a_token_floor_per_mode_keeps_that_mode_whole(write_recipe, registry, tmp_path):
+def test_a_token_floor_and_a_token_score_per_mode(write_recipe, registry, tmp_path):
+    """One run for both (a search is slow): a floor of 1 keeps the text tokens whole, and the
+    image tokens ranked by distinctiveness are exported so."""
     out = tmp_path / "run"
     report = _run(write_recipe, registry, out,
                   {"target": 0.3, "modes": ["vision_tokens", "language_tokens", "vision_params"],
-                   "min_token_frac": {"language_tokens": 1.0}})
+                   "min_token_frac": {"language_tokens": 1.0},
+                   "token_score": {"vision_tokens": "distinct"}})
     state = report["state"]["comp"][0]
     # every caption token is kept, so the language-token mode has nothing to remove
     assert "language_tokens" not in {t["mode"] for t in state["trajectory"][1:]}
     assert state["thresholds"]["language_tokens"] == 0 and state["thresholds"]["vision_tokens"] > 0
     towers = json.loads((out / "model" / "mmprune.json").read_text())["token_policy"]["towers"]
-    assert towers["vision"]["min_keep_frac"] == 0.05
+    assert towers["vision"]["min_keep_frac"] == 0.05 and towers["vision"]["score"] == "distinct"
+    assert towers.get("language", {"score": "attention"})["score"] == "attention"
     assert towers.get("language", {"theta": 0.0})["theta"] == 0.0
 
 
@@ -228,6 +232,12 @@ def test_a_bad_token_floor_is_a_clear_error(write_recipe, registry, tmp_path, fl
     from mmprune.errors import MMPruneError
     with pytest.raises(MMPruneError, match=message):
         _run(write_recipe, registry, tmp_path / "run", {"min_token_frac": floor})
+
+
+def test_a_bad_token_score_is_a_clear_error(write_recipe, registry, tmp_path):
+    from mmprune.errors import MMPruneError
+    with pytest.raises(MMPruneError, match="token_score"):
+        _run(write_recipe, registry, tmp_path / "run", {"token_score": {"vision_tokens": "entropy"}})
 
 
 def test_calibrated_lookahead_adds_each_modes_recent_gap_to_its_plan_price(write_recipe, registry,

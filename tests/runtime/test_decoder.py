@@ -381,3 +381,16 @@ def test_theta_sites_drop_instruction_tokens_and_keep_the_protected_ones():
         assert protected <= kept
         assert len(kept - protected) == int(floor[i])     # θ above every score: the floor is left
     _assert_cached_generation_equals_recomputation(a, b, 4, same_tokens=False)
+
+
+def test_decoder_sites_refuse_a_score_other_than_attention():
+    from mmprune.errors import MMPruneError
+    from mmprune.runtime.runtime import TokenRuntime
+
+    a = make()
+    rt = TokenRuntime.attach(trace(a))
+    rt.manage_decoder()
+    with pytest.raises(MMPruneError, match="attention only"):
+        rt.enable_token_mode("vision_tokens", 0.05, score="distinct")
+    rt.enable_token_mode("vision_tokens", 0.05)     # the default still enables the sites
+    assert rt.decoder.sites

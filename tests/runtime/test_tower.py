@@ -59,13 +59,14 @@ def test_zero_masks_equal_physical_removal():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("merge", [False, True])
-def test_batch_invariance_under_pad_mask(merge):
+@pytest.mark.parametrize("merge, score", [(False, "attention"), (True, "attention"),
+                                          (False, "distinct"), (True, "distinct")])
+def test_batch_invariance_under_pad_mask(merge, score):
     adapter, graph = _clip()
     batch = _batch(adapter, 3)
     rt = TokenRuntime.attach(graph)
-    rt.set_sites("vision", SiteControl(theta=1.0, merge=merge))
-    rt.set_sites("language", SiteControl(theta=1.0))
+    rt.set_sites("vision", SiteControl(theta=1.0, merge=merge, score=score))
+    rt.set_sites("language", SiteControl(theta=1.0, score=score))
     out = adapter.model(**batch)
     counts = rt.counts()
     assert len({float(c) for c in counts["vision.1.attn"]}) > 1, "examples should keep different counts"
@@ -140,19 +141,22 @@ def test_keep_rule_protects_and_floors():
 
 
 @torch.no_grad()
-def test_export_and_load_restore_token_pruning(tmp_path):
+@pytest.mark.parametrize("score", ["attention", "distinct"])
+def test_export_and_load_restore_token_pruning(tmp_path, score):
     from mmprune.saved import load_bundle, save
 
     adapter, graph = _clip()
     batch = _batch(adapter)
     rt = TokenRuntime.attach(graph)
     remove_units(graph, graph.groups["vision.0.attn"], [2])
-    rt.set_sites("vision", SiteControl(theta=1.2, min_keep_frac=0.1, merge=True), layers=[1])
+    rt.set_sites("vision", SiteControl(theta=1.2, min_keep_frac=0.1, merge=True, score=score),
+                 layers=[1])
     rt.set_sites("language", SiteControl(theta=0.9))
     before = adapter.model(**batch).logits_per_image
     save(tmp_path / "m", adapter, graph)
     bundle = load_bundle(tmp_path / "m")
     assert bundle.spec["token_policy"]["towers"]["vision"]["layers"] == [1]
+    assert bundle.spec["token_policy"]["towers"]["vision"]["score"] == score
     after = bundle.model(**batch).logits_per_image
     assert torch.equal(before, after)
     assert runtime_of(bundle.model).counts()["vision.1.mlp"].max() < 17
@@ -209,3 +213,72 @@ def test_sites_report_the_original_positions_of_the_tokens_they_keep():
         kept = set(position[i][real[i]].tolist())
         assert kept == set(expected[i].nonzero().flatten().tolist())
         assert 0 in kept and len(kept) < n
+
+
+def test_distinctiveness_ranks_the_odd_token_first_and_ignores_what_is_not_compared():
+    g = torch.Generator().manual_seed(0)
+    b, n, d = 2, 7, 8
+    background = torch.randn(d, generator=g)
+    x = background + 0.05 * torch.randn(b, n, d, generator=g)
+    x[:, 3] = torch.randn(d, generator=g)                 # one token unlike the rest
+    reference = torch.ones(b, n, dtype=torch.bool)
+    reference[:, 0] = False                               # a global token is not compared with
+    reference[1, 6] = False                               # nor padding
+    s = T.distinctiveness(x, reference)
+    assert (s.argmax(dim=1) == 3).all()
+    # against a plain loop: 1 - mean cosine similarity to the other reference tokens
+    for i in range(b):
+        for j in range(n):
+            others = [k for k in range(n) if k != j and reference[i, k]]
+            cos = torch.nn.functional.cosine_similarity(x[i, j][None], x[i, others])
+            assert s[i, j] == pytest.approx(float(1 - cos.mean()), abs=1e-5)
+    # what is outside the reference does not move the others' scores
+    y = x.clone()
+    y[1, 6], y[:, 0] = 100 * torch.randn(d, generator=g), -y[:, 0]
+    moved = T.distinctiveness(y, reference)
+    assert torch.allclose(moved[:, 1:6], s[:, 1:6], atol=1e-6)
+
+
+@torch.no_grad()
+def test_distinct_sites_rank_by_the_first_site_scores_carried_forward(monkeypatch):
+    """The distinctiveness is measured once per forward, at the first dropping site, among every
+    token; a later site keeps the survivors whose carried score clears θ among them."""
+    adapter, graph = _clip()
+    px = adapter.example_inputs(3)["pixel_values"]
+    measured = []
+    real = T.distinctiveness
+
+    def recording(x, reference):
+        measured.append(real(x, reference))
+        return measured[-1]
+
+    monkeypatch.setattr(T, "distinctiveness", recording)
+    rt = TokenRuntime.attach(graph)
+    rt.set_sites("vision", SiteControl(theta=1.0, min_keep_frac=0.05, score="distinct"), layers=[0, 1])
+    adapter.model.vision_model(pixel_values=px)
+    assert len(measured) == 1
+    first = measured[0]
+    tower = rt.towers["vision"]
+    (p0, v0), (p1, v1) = tower.last_kept[0], tower.last_kept[1]
+    for i in range(px.shape[0]):
+        after0 = [int(t) for t in p0[i][v0[i]] if t != 0]
+        after1 = {int(t) for t in p1[i][v1[i]] if t != 0}
+        s = first[i, after0]
+        expected = {t for t, si in zip(after0, s) if len(after0) * si / s.sum() >= 1.0}
+        assert after1 == expected and after1 < set(after0)
+        # site 0 kept the tokens above the mean distinctiveness of all candidates
+        cand = first[i, 1:]
+        assert set(after0) == {t + 1 for t in range(len(cand)) if len(cand) * cand[t] / cand.sum() >= 1.0}
+
+
+def test_an_unknown_token_score_is_a_clear_error():
+    from mmprune.errors import MMPruneError
+
+    adapter, graph = _clip()
+    rt = TokenRuntime.attach(graph)
+    with pytest.raises(MMPruneError, match="attention, distinct"):
+        rt.enable_token_mode("vision_tokens", 0.05, score="entropy")
+    policy = {"towers": {"vision": {"layers": [1], "theta": 1.0, "min_keep_frac": 0.05,
+                                    "merge": False, "score": "entropy"}}}
+    with pytest.raises(MMPruneError, match="saved token policy of tower 'vision'"):
+        rt.apply_policy(policy)
