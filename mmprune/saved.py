@@ -30,9 +30,10 @@ from mmprune.sparsity import masks as sparse
 SPEC_FILE = "mmprune.json"
 WEIGHTS_FILE = "model.safetensors"
 MASKS_FILE = "sparsity_masks.safetensors"
-FORMAT_VERSION = 2
-#: versions this mmprune reads: 2 added decoder token sites (token_policy.decoder)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: versions this mmprune reads: 2 added decoder token sites (token_policy.decoder), 3 what a
+#: tower's sites rank tokens by (token_policy.towers.*.score; before it, attention)
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass

@@ -88,16 +88,17 @@ def test_load_rejects_a_directory_without_spec(tmp_path):
 
 
 def test_version_1_exports_still_load_and_unknown_versions_are_refused(ctx, tmp_path):
-    """Version 2 added decoder token sites; a version-1 spec (without them) reads the same."""
+    """Versions 2 and 3 added decoder token sites and a site's score; a version-1 spec (without
+    them) reads the same."""
     Export(ExportParams(path=str(tmp_path / "m"))).run(ctx)
     spec_file = tmp_path / "m" / "mmprune.json"
     spec = json.loads(spec_file.read_text())
-    assert spec["version"] == 2
+    assert spec["version"] == 3
     spec["version"] = 1
     spec_file.write_text(json.dumps(spec))
     x = ctx.adapter.example_inputs(2)
     assert torch.equal(outputs(ctx.model, x), outputs(mmprune.load(tmp_path / "m"), x))
-    spec["version"] = 3
+    spec["version"] = 4
     spec_file.write_text(json.dumps(spec))
-    with pytest.raises(ModelLoadError, match="reads versions 1, 2"):
+    with pytest.raises(ModelLoadError, match="reads versions 1, 2, 3"):
         mmprune.load(tmp_path / "m")

@@ -271,6 +271,16 @@ def test_distinct_sites_rank_by_the_first_site_scores_carried_forward(monkeypatc
         assert set(after0) == {t + 1 for t in range(len(cand)) if len(cand) * cand[t] / cand.sum() >= 1.0}
 
 
+def test_a_saved_policy_without_a_score_ranks_by_attention():
+    """Exports of format 2 and before have no score: their sites rank by attention, as then."""
+    adapter, graph = _clip()
+    rt = TokenRuntime.attach(graph)
+    rt.apply_policy({"towers": {"vision": {"layers": [1], "theta": 1.0, "min_keep_frac": 0.05,
+                                           "merge": False}}})
+    assert rt.towers["vision"].controls[1].site.score == "attention"
+    assert rt.policy()["towers"]["vision"]["score"] == "attention"
+
+
 def test_an_unknown_token_score_is_a_clear_error():
     from mmprune.errors import MMPruneError
 
