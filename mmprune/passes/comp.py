@@ -212,15 +212,17 @@ class CompParams(PassParams):
 
     def score_of(self, mode: str) -> str:
         """The `token_score` of token mode `mode`."""
-        if isinstance(self.token_score, dict):
-            return self.token_score.get(mode, "attention")
-        return self.token_score
+        return _of_mode(self.token_score, mode, "attention")
 
     def token_floor(self, mode: str) -> float:
         """The `min_token_frac` of token mode `mode`."""
-        if isinstance(self.min_token_frac, dict):
-            return self.min_token_frac.get(mode, DEFAULT_MIN_TOKEN_FRAC)
-        return self.min_token_frac
+        return _of_mode(self.min_token_frac, mode, DEFAULT_MIN_TOKEN_FRAC)
+
+
+def _of_mode(setting, mode: str, default):
+    """A per-token-mode setting's value for `mode`: the one value, or the mode's entry of the
+    dict (`default` for a mode it does not name)."""
+    return setting.get(mode, default) if isinstance(setting, dict) else setting
 
 
 class Comp(Pass):
