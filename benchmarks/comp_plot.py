@@ -24,7 +24,9 @@ import matplotlib.pyplot as plt
 from results_file import GENERATOR_FIELD, MINIVL_GENERATOR
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LABELS = {"comp": "CoMP", "upop": "parameters only (UPop-like)", "tokens": "tokens only (MADTP-like)",
+LABELS = {"comp": "CoMP (recipes: distinct image tokens at block 0)",
+          "comp_attention": "CoMP, attention at every block (paper)",
+          "upop": "parameters only (UPop-like)", "tokens": "tokens only (MADTP-like)",
           "sjp": "tokens, then parameters",
           "comp_late_floor": "CoMP, late image-token sites + floor"}
 

@@ -110,24 +110,28 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         "comp_merge": (comp, ["passes.0.comp.merge_dropped=fuse_one"]),
         # no image-token site after the ViT's first block (BLIP/CLIP MiniVL: 4 blocks), where
         # attention received says least about where the objects are (token_localization.py)
-        "comp_late_tokens": (comp, ["passes.0.comp.token_layers={vision: [1, 2, 3]}"]),
+        # the recipes until e3e1756: image tokens ranked by the attention they receive (CIT, the
+        # paper), at a site after every ViT block
+        "comp_attention": (comp, ["passes.0.comp.token_score=attention", "passes.0.comp.token_layers=null"]),
+        # attention-ranked image-token sites after blocks 1-3 only (BLIP/CLIP MiniVL: 4 blocks),
+        # where attention received says least about where the objects are at block 0
+        "comp_late_tokens": (comp, ["passes.0.comp.token_score=attention",
+                                    "passes.0.comp.token_layers={vision: [1, 2, 3]}"]),
         "tokens_late": (tokens, ["passes.0.comp.token_layers={vision: [1, 2, 3]}"]),
         # and every image keeps a quarter of its patches at least, about what its objects touch
         # (27% on average): below that even a perfect score loses information
-        "comp_late_floor": (comp, ["passes.0.comp.token_layers={vision: [1, 2, 3]}",
+        "comp_late_floor": (comp, ["passes.0.comp.token_score=attention",
+                                   "passes.0.comp.token_layers={vision: [1, 2, 3]}",
                                    "passes.0.comp.min_token_frac={vision_tokens: 0.25}"]),
-        # image tokens ranked by how unlike the image's other patches they are, not by the
-        # attention they receive (token_localization.py, BLIP NLVR: AUC 0.88-0.90 against
-        # 0.61-0.68 for the patches objects touch); the token-only baseline gets the same score
-        "comp_distinct": (comp, ["passes.0.comp.token_score={vision_tokens: distinct}"]),
+        # the recipes rank image tokens by how unlike the image's other patches they are
+        # (token_localization.py, BLIP NLVR: AUC 0.88-0.90 for the patches objects touch, against
+        # 0.61-0.68 by attention received) at one site after the ViT's first block. These take
+        # one of the two back: distinctiveness at every block (the carried score re-cut at later
+        # sites compounds) and attention at the one site
+        "comp_distinct": (comp, ["passes.0.comp.token_layers=null"]),
+        "comp_first": (comp, ["passes.0.comp.token_score=attention"]),
+        # the token-only baseline (attention at every block, MADTP-like) given the recipes' score
         "tokens_distinct": (tokens, ["passes.0.comp.token_score={vision_tokens: distinct}"]),
-        # and image tokens dropped once, after the ViT's first block: the carried score re-cut
-        # at later sites compounds (before fine-tuning, one site at block 0 keeps 85.8 at 48% of
-        # the FLOPs where sites at every block keep 80.3 at 42%; token_localization.py --curve)
-        "comp_distinct_first": (comp, ["passes.0.comp.token_score={vision_tokens: distinct}",
-                                       "passes.0.comp.token_layers={vision: [0]}"]),
-        # the control: one image-token site after the ViT's first block, ranked by attention
-        "comp_first": (comp, ["passes.0.comp.token_layers={vision: [0]}"]),
         "tokens_distinct_first": (tokens, ["passes.0.comp.token_score={vision_tokens: distinct}",
                                            "passes.0.comp.token_layers={vision: [0]}"]),
         # no mode runs more than three stages in a row: the others are priced again on the
@@ -143,6 +147,9 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         # fine-tuning distilled from the dense model (KL on its logits, weight 1), same steps
         "comp_kd": (comp, ["passes.1.finetune.kd_weight=1.0"]),
         "upop_kd": (upop, ["passes.1.finetune.kd_weight=1.0"]),
+        # three times the fine-tuning steps (900), selection on validation as before
+        "comp_long_ft": (comp, ["passes.1.finetune.steps=900"]),
+        "upop_long_ft": (upop, ["passes.1.finetune.steps=900"]),
         # distilled in the search's training steps too
         "comp_kd_search": (comp, ["passes.0.comp.kd_weight=1.0", "passes.1.finetune.kd_weight=1.0"]),
         "upop_kd_search": (upop, ["passes.0.comp.kd_weight=1.0", "passes.1.finetune.kd_weight=1.0"]),
@@ -171,6 +178,24 @@ def zoo_build(name: str | None) -> str:
     return hashlib.sha256((zoo_dir(name) / MANIFEST).read_bytes()).hexdigest()[:12] if name else "-"
 
 
+def token_sites(rec) -> str:
+    """How the recipe's first comp pass with a token mode ranks tokens and where its sites are
+    ('attention; default sites', the sites after every block of a ViT or BERT-style tower;
+    'vision_tokens distinct; vision [0]'), '-' without one: rows of one method measured under
+    recipes that differ there are kept apart in the results file."""
+    comp = next((spec.params for spec in rec.passes if spec.name == "comp"
+                 and (spec.params.modes == "all"
+                      or any(m.endswith("_tokens") for m in spec.params.modes))), None)
+    if comp is None:
+        return "-"
+    score, layers = comp.token_score, comp.token_layers
+
+    def each(d: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in d.items())
+    return (f"{score if isinstance(score, str) else each(score)}; "
+            f"{'default sites' if layers is None else each(layers)}")
+
+
 def run_dir(family: str, task: str, method: str, ratio: float, seed: int) -> Path:
     """Where `run_one` writes a run (and rescore.py finds its export)."""
     return ROOT / "runs" / "bench" / "comp" / f"{family}_{task}_{method}_{ratio}_s{seed}"
@@ -188,7 +213,7 @@ def run_one(family: str, task: str, method: str, ratio: float, seed: int = 0) ->
            "achieved_flops_reduction": round(report["ratios"]["flops_reduction"], 4),
            "metric": head, "value": round(report["final"]["metrics"][head], 2),
            "dense_value": round(report["baseline"]["metrics"][head], 2),
-           "zoo_build": zoo_build(rec.model.zoo),
+           "zoo_build": zoo_build(rec.model.zoo), "token_sites": token_sites(rec),
            "speedup": round(report["ratios"]["speedup"], 3),
            "params_reduction": round(report["ratios"]["params_reduction"], 4),
            "seconds": round(time.perf_counter() - t0, 1)}
@@ -235,9 +260,11 @@ def _param_quantum(report: dict) -> float | None:
 def save(rows: list[dict]) -> None:
     # the zoo build in the key: a rebuilt zoo (another machine, another dense model) adds rows,
     # even where its dense metric rounds as an earlier build's did. Rows from before builds were
-    # recorded are told apart by dense_value only; rows from before seeds were, ran seed 0
+    # recorded are told apart by dense_value only; rows from before seeds were, ran seed 0. The
+    # token sites too: a method run again after the recipes changed them adds rows
     merge_rows(RESULTS, rows, ("family", "task", "method", "flops_reduction", "dense_value",
-                               "zoo_build", "seed"), defaults={"seed": 0, "zoo_build": "-"})
+                               "zoo_build", "seed", "token_sites"),
+               defaults={"seed": 0, "zoo_build": "-"})
 
 
 def table(rows: list[dict]) -> str:

@@ -15,9 +15,12 @@ SMALL = ("data.train_size=96", "data.validation_size=32", "data.test_size=32",
          "evaluation.latency_repeats=3", "evaluation.latency_batch_size=8")
 
 
-#: training passes shortened to a few steps (the stand-in checks wiring, not quality)
+#: training passes shortened to a few steps (the stand-in checks wiring, not quality). A mode
+#: retires once its next stage would remove under a quarter of the stand-in's quantum: with the
+#: recipes' one image-token site, a tiny ViT's heads and channels cost so little that its
+#: stages, each a third of what is left, shrink geometrically for hundreds of stages
 SHORT = {"comp": {"k_min": 2, "search_steps": 4, "warmup_steps": 2, "stage_quantum": 0.25,
-                  "batch_size": 16, "v_sub": 32, "probe_set": 32},
+                  "batch_size": 16, "v_sub": 32, "probe_set": 32, "retire_below": 0.25},
          "finetune": {"steps": 3, "batch_size": 16, "eval_every": 3},
          # the tiny LLaVA's decoder has 2 layers: one site can remove only so much
          "token_prune": {"flops_target": 0.1}}
