@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt
 from results_file import GENERATOR_FIELD, MINIVL_GENERATOR
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LABELS = {"comp": "CoMP (recipes: distinct image tokens at block 0)",
-          "comp_attention": "CoMP, attention at every block (paper)",
+LABELS = {"comp": "CoMP (the recipe)",
+          "comp_attention": "CoMP, image tokens by attention at every block (paper)",
           "upop": "parameters only (UPop-like)", "tokens": "tokens only (MADTP-like)",
           "sjp": "tokens, then parameters",
           "comp_late_floor": "CoMP, late image-token sites + floor"}

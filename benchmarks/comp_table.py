@@ -13,8 +13,11 @@ same. Numbers are test metrics of the exported model; FLOPs reductions are the a
 over the test split; speedups are median latencies of the dense and pruned models timed
 interleaved in the same run. LLaVA's token-only methods (PDrop, FastV) take their targets as
 reductions of the decoder's prefill FLOPs (`flops_scope: decoder`), with the whole model's
-beside. Rows go to benchmarks/results/comp.json (one per family, task, method, ratio, seed and
-zoo build, so a rebuilt zoo adds rows; a rerun replaces its rows) and a markdown table is printed.
+beside. Rows go to benchmarks/results/comp.json (one per family, task, method, ratio, seed, zoo
+build and token sites, so a rebuilt zoo or a recipe whose token score or sites changed adds
+rows; a rerun replaces its rows) and a markdown table is printed. A run's directory is per
+method, ratio and seed only: a rerun replaces the export of a row kept for another build or
+token sites (rescore.py checks the directory holds the row's run).
 """
 from __future__ import annotations
 
@@ -61,7 +64,10 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
         "sjp": (sjp, []),
         # control: the dense model trained as long as a search and its fine-tuning, nothing pruned
         "dense_ft": (base / f"dense_ft_{family}_{task}.yaml", []),
-        # ablations (comp.md §8)
+        # ablations (comp.md §8). Under the recipes' distinct image-token score, `cit` acts on
+        # the text tokens' ranking and on the attention that weighs CIP, not on the image
+        # tokens' ranking; the rows before 2026-11-26 (token_sites 'attention; default sites')
+        # are the paper's ablations
         "comp_cim_off": (comp, ["passes.0.comp.cip=false", "passes.0.comp.cit=false"]),
         "comp_cip_only": (comp, ["passes.0.comp.cit=false"]),
         "comp_cit_only": (comp, ["passes.0.comp.cip=false"]),
@@ -108,8 +114,6 @@ def methods(family: str, task: str) -> dict[str, tuple[Path, list[str]]]:
                                          "cross_params, language_tokens]"]),
         # dropped tokens folded into one weighted token, as the token-only baseline does
         "comp_merge": (comp, ["passes.0.comp.merge_dropped=fuse_one"]),
-        # no image-token site after the ViT's first block (BLIP/CLIP MiniVL: 4 blocks), where
-        # attention received says least about where the objects are (token_localization.py)
         # the recipes until e3e1756: image tokens ranked by the attention they receive (CIT, the
         # paper), at a site after every ViT block
         "comp_attention": (comp, ["passes.0.comp.token_score=attention", "passes.0.comp.token_layers=null"]),
@@ -180,7 +184,8 @@ def zoo_build(name: str | None) -> str:
 
 def token_sites(rec) -> str:
     """How the recipe's first comp pass with a token mode ranks tokens and where its sites are
-    ('attention; default sites', the sites after every block of a ViT or BERT-style tower;
+    ('attention; default sites', after every block of a ViT or BERT-style tower, at
+    round(L·{1/4, 1/2, 3/4}) in a decoder LLM;
     'vision_tokens distinct; vision [0]'), '-' without one: rows of one method measured under
     recipes that differ there are kept apart in the results file."""
     comp = next((spec.params for spec in rec.passes if spec.name == "comp"
