@@ -300,6 +300,9 @@ def main() -> None:
         if args.ablations:
             plan += [(family, task, m, 0.8, s) for s in args.seeds for m in ABLATIONS]
     rows = []
+    # dense_ft prunes nothing: one run per seed, its row and run directory at 0.0 whatever
+    # --ratios asked (rescore.py finds the directory by the row's cut)
+    plan = list(dict.fromkeys((f, t, m, 0.0 if m == "dense_ft" else r, s) for f, t, m, r, s in plan))
     for family, task, method, ratio, seed in plan:
         try:
             row = run_one(family, task, method, ratio, seed)

@@ -1,10 +1,11 @@
 """The exported models of comp_table.py's runs, scored again on a larger test split (BENCHMARKS.md,
 "The converged NLVR model on 2,000 test examples").
 
-    .venv/bin/python benchmarks/rescore.py [--task blip:nlvr] [--test-size 2000] [--against upop]
+    .venv/bin/python benchmarks/rescore.py [--task blip:nlvr|blip:vqa] [--test-size 2000] [--against upop]
+                                           [--across-cuts]
 
-MiniVL's test split of 500 gives an accuracy a binomial standard error of about 1.8 points at 80%,
-as large as the differences the CoMP goal is about. The generator fills each split in the order
+MiniVL's test split of 500 gives an accuracy a binomial standard error of about 1.8 points at 80%
+(2.2 at VQA's 37%), as large as the differences the CoMP goal is about. The generator fills each split in the order
 its examples are drawn, so a larger `test_size` keeps train and validation as they were and makes
 the old test split the first 500 examples of the new one; nothing trained or selected on it.
 
@@ -14,10 +15,14 @@ directory still holds that run (its report matches the row), the export is loade
 (else the row is reported, not rescored). Methods are compared with the one named by `--against`
 at the same FLOPs target and seed, on the same examples: a paired bootstrap of the difference.
 Its interval is the test sample's uncertainty for those two trained models only; another run
-seed moves a method by more, so compare seeds too.
+seed moves a method by more, so compare seeds too: where two methods share two seeds or more,
+the table after the rows pairs their seed means (each example's hits averaged over the seeds).
+`--across-cuts` also pairs a method with a reference that stopped short of the target.
 On NLVR each row also has the accuracy by statement kind (one image shows a colour, both do,
 more objects, more objects of a colour), to show which questions a pruning method loses.
-Rows go to benchmarks/results/rescore.json (classification tasks only: NLVR).
+Rows go to benchmarks/results/rescore.json (tasks scored per example: NLVR, VQA's exact match;
+retrieval ranks against the whole split and has no per-example score). A row carries its comp.json
+row's `token_sites`, in the key as there.
 """
 from __future__ import annotations
 
@@ -42,11 +47,11 @@ OUT = ROOT / "benchmarks" / "results" / "rescore.json"
 ORIGINAL_TEST = 500
 
 
-def hits(adapter, test, batch_size: int = 32) -> np.ndarray:
+def hits(adapter, test, task: str, batch_size: int = 32) -> np.ndarray:
     """1 where the model's answer is right, per test example, in split order."""
     adapter.model.eval()
     with torch.inference_mode():
-        out = adapter.nlvr_hits(iterate_batches(adapter, test, batch_size))
+        out = adapter.example_hits(iterate_batches(adapter, test, batch_size), task)
     return np.array(out, dtype=float)
 
 
@@ -57,7 +62,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 10_000, seed: int = 
     return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
 
-def cached_hits(run: Path, reg, test) -> np.ndarray:
+def cached_hits(run: Path, reg, test, task: str) -> np.ndarray:
     """`hits` of a run's export, kept in the run directory under the run's finish time (a rerun
     of the method replaces the directory's run) and the MiniVL code (changed data)."""
     finished = json.loads((run / "run.json").read_text())["finished"].replace(":", "")
@@ -65,7 +70,7 @@ def cached_hits(run: Path, reg, test) -> np.ndarray:
     if cache.exists():
         return np.load(cache)
     adapter, _ = load_model(ModelSpec(path=str(run / "model")), reg, 0, log=lambda m: None)
-    h = hits(adapter, test)
+    h = hits(adapter, test, task)
     np.save(cache, h)
     return h
 
@@ -121,10 +126,13 @@ def runs_of(family: str, task: str, build: str) -> list[tuple[dict, Path]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--task", default="blip:nlvr", choices=["blip:nlvr"],
-                    help="a task scored by per-example accuracy (NLVR's true/false)")
+    ap.add_argument("--task", default="blip:nlvr", choices=["blip:nlvr", "blip:vqa"],
+                    help="a task scored per example (NLVR's true/false, VQA's exact match)")
     ap.add_argument("--test-size", type=int, default=2000)
     ap.add_argument("--against", default="upop", help="method every other is compared with")
+    ap.add_argument("--across-cuts", action="store_true",
+                    help="compare with --against at the same target even where it stopped short "
+                         "of it (parameters only ends at 0.760 on VQA); rows then name its cut")
     args = ap.parse_args()
     family, task = args.task.split(":")
     reg = get_registry()
@@ -138,7 +146,7 @@ def main() -> None:
     source = reg.datasets[recipe.data.source]
     test = source(recorded.model_copy(update={"test_size": args.test_size}), recipe.seed).load(dense)["test"]
     check_prefix(source(recorded, recipe.seed).load(dense)["test"], test)
-    dense_hits = hits(dense, test)
+    dense_hits = hits(dense, test, task)
     dense_first = round(100 * dense_hits[:ORIGINAL_TEST].mean(), 2)
     dense_value = round(100 * dense_hits.mean(), 2)
     kinds = statement_kinds(test)
@@ -146,7 +154,7 @@ def main() -> None:
     print(f"dense: {dense_value:.2f} on {len(test)}, by statement {dense_kinds}", flush=True)
     scored, rows = {}, []
     for row, d in runs_of(family, task, build):
-        h = cached_hits(d, reg, test)
+        h = cached_hits(d, reg, test, task)
         first = round(100 * h[:ORIGINAL_TEST].mean(), 2)
         key = (row["method"], row["flops_reduction"], row["seed"])
         if first != row["value"] or dense_first != row["dense_value"]:
@@ -156,6 +164,7 @@ def main() -> None:
         scored[key] = h
         rows.append({"family": family, "task": task, "method": key[0], "flops_reduction": key[1],
                      "seed": key[2], "zoo_build": build, "test_size": len(test),
+                     "token_sites": row.get("token_sites", "-"),
                      "achieved_flops_reduction": row["achieved_flops_reduction"],
                      "value_500": row["value"], "value": round(100 * h.mean(), 2),
                      "rest": round(100 * h[ORIGINAL_TEST:].mean(), 2),
@@ -166,17 +175,43 @@ def main() -> None:
     for r in rows:
         key = (args.against, r["flops_reduction"], r["seed"])
         base = scored.get(key)
-        # a method that stopped short of the target (tokens only at 0.85) is not compared there
-        if (base is not None and r["method"] != args.against
-                and abs(achieved[key] - r["achieved_flops_reduction"]) <= 0.01):
+        # a method that stopped short of the target (tokens only at 0.85) is not compared there,
+        # unless asked, and then the row says at what cut its reference stopped
+        short = base is not None and abs(achieved[key] - r["achieved_flops_reduction"]) > 0.01
+        if base is not None and r["method"] != args.against and (args.across_cuts or not short):
             lo, hi = paired_bootstrap(scored[(r["method"], r["flops_reduction"], r["seed"])], base)
             r[f"minus_{args.against}"] = round(r["value"] - 100 * base.mean(), 2)
             r[f"minus_{args.against}_ci95"] = [round(lo, 2), round(hi, 2)]
+            if short:
+                r[f"{args.against}_achieved"] = achieved[key]
     merge_rows(OUT, rows, ("family", "task", "method", "flops_reduction", "seed", "zoo_build",
-                           "test_size"))
+                           "test_size", "token_sites"), defaults={"token_sites": "-"})
     print(table(rows, args.against))
+    print(seed_means(scored, achieved, args.against, args.across_cuts))
     if kinds is not None:
         print(kind_table(rows))
+
+
+def seed_means(scored: dict[tuple, np.ndarray], achieved: dict[tuple, float], against: str,
+               across_cuts: bool) -> str:
+    """Each method's mean over the seeds it shares with `against` at a target, minus `against`'s:
+    per example, the hits averaged over seeds, then the paired bootstrap (an interval for these
+    seeds' models, as the per-seed ones are). Seeds where `against` stopped short of the
+    method's cut count only with `across_cuts`, and the table then gives its cuts."""
+    lines = [f"| method | target | seeds | mean on all | minus {against} (95% CI) | {against}'s cut |",
+             "|---|---|---|---|---|---|"]
+    for method, target in sorted({(m, t) for m, t, _ in scored if m != against}, key=lambda k: (k[1], k[0])):
+        seeds = sorted(s for m, t, s in scored if (m, t) == (method, target) and (against, t, s) in scored
+                       and (across_cuts or abs(achieved[(against, t, s)] - achieved[(m, t, s)]) <= 0.01))
+        if len(seeds) < 2:
+            continue
+        a = np.mean([scored[(method, target, s)] for s in seeds], axis=0)
+        b = np.mean([scored[(against, target, s)] for s in seeds], axis=0)
+        lo, hi = paired_bootstrap(a, b)
+        cuts = ", ".join(f"{achieved[(against, target, s)]:.3f}" for s in seeds)
+        lines.append(f"| {method} | {target} | {', '.join(map(str, seeds))} | {100 * a.mean():.2f} | "
+                     f"{100 * (a.mean() - b.mean()):+.2f} ({lo:+.2f}, {hi:+.2f}) | {cuts} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def kind_table(rows: list[dict]) -> str:
@@ -198,6 +233,8 @@ def table(rows: list[dict], against: str) -> str:
     for r in sorted(rows, key=lambda r: (r["flops_reduction"], r["method"], r["seed"])):
         ci = r.get(f"minus_{against}_ci95")
         diff = f"{r[f'minus_{against}']:+.1f} ({ci[0]:+.1f}, {ci[1]:+.1f})" if ci else ""
+        if f"{against}_achieved" in r:     # --across-cuts: the reference stopped short
+            diff += f" against {against} at {r[f'{against}_achieved']:.3f}"
         lines.append(f"| {r['method']} | {r['flops_reduction']} | {r['seed']} | {r['value_500']:.1f} | "
                      f"{r['rest']:.1f} | {r['value']:.1f} | {diff} |")
     return "\n".join(lines)

@@ -269,13 +269,17 @@ class BlipRetrievalAdapter(_BlipBase):
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:
         if task == "nlvr":
-            return {"accuracy": inputs.accuracy(self.nlvr_hits(batches))}
+            return {"accuracy": inputs.accuracy(self.example_hits(batches, task))}
         return self._retrieval_metrics(list(batches))
 
     @torch.no_grad()
-    def nlvr_hits(self, batches: Iterable[dict[str, torch.Tensor]]) -> list[bool]:
+    def example_hits(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> list[bool]:
         """Whether each NLVR example is answered right, in batch order (per-example accuracy, for
-        paired comparisons of two models on the same examples)."""
+        paired comparisons of two models on the same examples). Retrieval ranks each query
+        against the whole split, so it has no per-example hit."""
+        if task != "nlvr":
+            raise MMPruneError(f"a BLIP retrieval model has per-example hits for NLVR, not {task!r} "
+                               "(a recall ranks against the whole split)")
         hits = []
         for batch in batches:
             hits += (self.forward(batch).argmax(-1) == batch["labels"]).tolist()
@@ -420,4 +424,11 @@ class BlipVQAAdapter(_BlipBase):
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> dict[str, float]:
-        return {"accuracy": inputs.generated_exact_match(self, batches, "decoder_input_ids")}
+        return {"accuracy": inputs.accuracy(self.example_hits(batches, task))}
+
+    @torch.no_grad()
+    def example_hits(self, batches: Iterable[dict[str, torch.Tensor]], task: str) -> list[bool]:
+        """Whether each generated answer matches exactly, in batch order (for paired comparisons)."""
+        if task != "vqa":
+            raise MMPruneError(f"a BLIP VQA model answers 'vqa', not {task!r}")
+        return inputs.generated_hits(self, batches, "decoder_input_ids")

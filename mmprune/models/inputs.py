@@ -46,9 +46,15 @@ def accuracy(hits: list[bool]) -> float:
 
 def generated_exact_match(adapter, batches, gold_key: str) -> float:
     """Exact match (%) of `adapter.generate(batch)` against the token ids in `batch[gold_key]`."""
+    return accuracy(generated_hits(adapter, batches, gold_key))
+
+
+def generated_hits(adapter, batches, gold_key: str) -> list[bool]:
+    """Per example, in batch order: whether `adapter.generate(batch)` decodes to the text of
+    `batch[gold_key]`."""
     hits = []
     for batch in batches:
         pred = adapter.tokenizer.batch_decode(adapter.generate(batch), skip_special_tokens=True)
         gold = adapter.tokenizer.batch_decode(batch[gold_key], skip_special_tokens=True)
         hits += [p.strip() == g.strip() for p, g in zip(pred, gold)]
-    return accuracy(hits)
+    return hits

@@ -142,8 +142,43 @@ def test_nlvr_hits_are_per_example_and_average_to_the_accuracy():
         margin = logits[:, 1] - logits[:, 0]
         a.model.itm_head.bias[1] -= margin.quantile(0.5)
         predicted = a.forward(collate_rows(a, test, list(range(len(test))))).argmax(-1)
-        hits = a.nlvr_hits(iterate_batches(a, test, 5))     # 16 examples: a short last batch
+        hits = a.example_hits(iterate_batches(a, test, 5), "nlvr")  # 16 examples: a short last batch
         acc = a.evaluate(iterate_batches(a, test, 8), "nlvr")["accuracy"]
     assert 0 < int(predicted.sum()) < len(test)
     assert hits == (predicted == labels).tolist()
     assert acc == pytest.approx(100 * sum(hits) / len(hits))
+
+
+def test_vqa_hits_are_per_example_and_average_to_the_accuracy(monkeypatch):
+    """A model that knows half the answers (the generator is replaced: an untrained decoder
+    answers nothing right) is right on exactly those examples, in split order."""
+    a = make(BlipVQAAdapter)
+    test = data("vqa")["test"]
+    answers = sorted({str(r["answer"]) for r in test})
+    known = set(answers[::2])
+    wrong = a.tokenizer(["zzz"], return_tensors="pt")["input_ids"]
+
+    def generate(batch, fixed_length=False):
+        gold = a.tokenizer.batch_decode(batch["decoder_input_ids"], skip_special_tokens=True)
+        out = batch["decoder_input_ids"].clone()
+        for i, g in enumerate(gold):
+            if g.strip() not in known:
+                out[i] = a.tokenizer.pad_token_id
+                out[i, :wrong.shape[1]] = wrong[0]
+        return out
+
+    monkeypatch.setattr(a, "generate", generate)
+    hits = a.example_hits(iterate_batches(a, test, 5), "vqa")     # a short last batch
+    expected = [str(r["answer"]) in known for r in test]
+    assert 0 < sum(expected) < len(test)
+    assert hits == expected
+    acc = a.evaluate(iterate_batches(a, test, 8), "vqa")["accuracy"]
+    assert acc == pytest.approx(100 * sum(expected) / len(expected))
+
+
+def test_per_example_hits_are_for_the_adapters_own_scored_tasks():
+    a = make(BlipRetrievalAdapter)
+    with pytest.raises(MMPruneError, match="not 'retrieval'"):
+        a.example_hits(iter([]), "retrieval")
+    with pytest.raises(MMPruneError, match="not 'nlvr'"):
+        make(BlipVQAAdapter).example_hits(iter([]), "nlvr")
