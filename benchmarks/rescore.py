@@ -177,7 +177,7 @@ def main() -> None:
         base = scored.get(key)
         # a method that stopped short of the target (tokens only at 0.85) is not compared there,
         # unless asked, and then the row says at what cut its reference stopped
-        short = base is not None and abs(achieved[key] - r["achieved_flops_reduction"]) > 0.01
+        short = base is not None and not same_cut(achieved, key, (r["method"], r["flops_reduction"], r["seed"]))
         if base is not None and r["method"] != args.against and (args.across_cuts or not short):
             lo, hi = paired_bootstrap(scored[(r["method"], r["flops_reduction"], r["seed"])], base)
             r[f"minus_{args.against}"] = round(r["value"] - 100 * base.mean(), 2)
@@ -192,6 +192,12 @@ def main() -> None:
         print(kind_table(rows))
 
 
+def same_cut(achieved: dict[tuple, float], a: tuple, b: tuple) -> bool:
+    """Whether two runs reached the same FLOPs cut (within 0.01), so pairing them compares
+    methods and not cuts."""
+    return abs(achieved[a] - achieved[b]) <= 0.01
+
+
 def seed_means(scored: dict[tuple, np.ndarray], achieved: dict[tuple, float], against: str,
                across_cuts: bool) -> str:
     """Each method's mean over the seeds it shares with `against` at a target, minus `against`'s:
@@ -202,7 +208,7 @@ def seed_means(scored: dict[tuple, np.ndarray], achieved: dict[tuple, float], ag
              "|---|---|---|---|---|---|"]
     for method, target in sorted({(m, t) for m, t, _ in scored if m != against}, key=lambda k: (k[1], k[0])):
         seeds = sorted(s for m, t, s in scored if (m, t) == (method, target) and (against, t, s) in scored
-                       and (across_cuts or abs(achieved[(against, t, s)] - achieved[(m, t, s)]) <= 0.01))
+                       and (across_cuts or same_cut(achieved, (against, t, s), (m, t, s))))
         if len(seeds) < 2:
             continue
         a = np.mean([scored[(method, target, s)] for s in seeds], axis=0)
