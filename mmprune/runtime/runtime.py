@@ -191,10 +191,29 @@ class TokenRuntime:
             d.min_keep_frac = min_keep_frac
             return
         tower = TOKEN_TOWERS[mode]
+        # a merged token has no place in causal order: causal towers only drop
+        merge = merge and not self.towers[tower].spec.causal
         if self.theta(tower) == 0.0:
-            # a merged token has no place in causal order: causal towers only drop
-            merge = merge and not self.towers[tower].spec.causal
             self.set_sites(tower, SiteControl(0.0, min_keep_frac, merge, score), layers)
+        else:
+            self._check_sites_kept(mode, tower, SiteControl(0.0, min_keep_frac, merge, score), layers)
+
+    def _check_sites_kept(self, mode: str, tower: str, asked: SiteControl, layers: list[int] | None) -> None:
+        """Sites already dropping tokens (an earlier pass, a loaded export) are continued from
+        their θ; asking for other sites would be silently ignored, so it is an error."""
+        t = self.towers[tower]
+        have_layers = [i for i, c in enumerate(t.controls) if c.site is not None]
+        have = t.controls[have_layers[0]].site
+        want_layers = list(range(len(t.controls))) if layers is None else sorted(layers)
+        diffs = [f"{name} {h!r} (asked {w!r})" for name, h, w in (
+            ("score", have.score, asked.score), ("floor", have.min_keep_frac, asked.min_keep_frac),
+            ("merge", have.merge, asked.merge), ("layers", have_layers, want_layers)) if h != w]
+        if diffs:
+            raise MMPruneError(
+                f"{mode}: the '{tower}' tower already drops tokens (θ={have.theta:.3g}, from an "
+                f"earlier pass or a loaded export) with other sites: {'; '.join(diffs)}. Pruning "
+                f"continues from the existing sites, so give this pass the same token_score, "
+                f"token_layers, min_token_frac and merge_dropped, or leave {mode} out of its modes")
 
     def mode_theta(self, mode: str) -> float:
         if self.decoder is not None:

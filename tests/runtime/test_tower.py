@@ -292,3 +292,21 @@ def test_an_unknown_token_score_is_a_clear_error():
                                     "merge": False, "score": "entropy"}}}
     with pytest.raises(MMPruneError, match="saved token policy of tower 'vision'"):
         rt.apply_policy(policy)
+
+
+def test_token_sites_already_dropping_are_continued_and_other_sites_are_refused():
+    """A tower whose sites already drop tokens (an earlier pass, a loaded export) keeps its θ when
+    a token mode is enabled again with the same sites, and other sites are an error, not ignored."""
+    from mmprune.errors import MMPruneError
+
+    adapter, graph = _clip()
+    rt = TokenRuntime.attach(graph)
+    rt.enable_token_mode("vision_tokens", 0.05, layers=[0], score="distinct")
+    rt.set_mode_theta("vision_tokens", 1.5)
+    rt.enable_token_mode("vision_tokens", 0.05, layers=[0], score="distinct")
+    assert rt.mode_theta("vision_tokens") == 1.5
+    with pytest.raises(MMPruneError, match=r"score 'distinct' \(asked 'attention'\).*layers \[0\]"):
+        rt.enable_token_mode("vision_tokens", 0.05, layers=[0, 1])
+    with pytest.raises(MMPruneError, match=r"floor 0\.05 \(asked 0\.1\)"):
+        rt.enable_token_mode("vision_tokens", 0.1, layers=[0], score="distinct")
+    assert rt.mode_theta("vision_tokens") == 1.5 and rt.policy()["towers"]["vision"]["layers"] == [0]
