@@ -22,7 +22,8 @@ that reached its cut aiming at another (parameters only stops at 0.760 aiming at
 CoMP aimed at 0.76 is compared with it there); `--across-cuts` also pairs a method with a
 reference that stopped short of the target.
 On NLVR each row also has the accuracy by statement kind (one image shows a colour, both do,
-more objects, more objects of a colour), to show which questions a pruning method loses.
+more objects, more objects of a colour), on VQA by question kind (count, exists, size, where,
+colour, shape), to show which questions a pruning method loses.
 Rows go to benchmarks/results/rescore.json (tasks scored per example: NLVR, VQA's exact match;
 retrieval ranks against the whole split and has no per-example score). A row carries its comp.json
 row's `token_sites`, in the key as there.
@@ -83,11 +84,20 @@ STATEMENT_KINDS = (("count", re.compile(r"has more objects")), ("colour count", 
                    ("both", re.compile(r"^both images")), ("one image", re.compile(r"image shows")))
 
 
+#: VQA question kinds, by the same file's templates (the first that matches)
+QUESTION_KINDS = (("count", re.compile(r"^(how many|count the)")),
+                  ("exists", re.compile(r"^(is there|does the image contain)")),
+                  ("size", re.compile(r"small or large")), ("where", re.compile(r"^where is")),
+                  ("colour", re.compile(r"colou?r")), ("shape", re.compile(r"shape")))
+
+
 def statement_kinds(test) -> list[str] | None:
-    """The kind of each test statement (NLVR), in split order; None for other tasks."""
-    if "statement" not in test.column_names:
-        return None
-    return [next((k for k, rx in STATEMENT_KINDS if rx.search(s)), "other") for s in test["statement"]]
+    """The kind of each test statement (NLVR) or question (VQA), in split order; None for other
+    tasks."""
+    for column, kinds in (("statement", STATEMENT_KINDS), ("question", QUESTION_KINDS)):
+        if column in test.column_names:
+            return [next((k for k, rx in kinds if rx.search(s)), "other") for s in test[column]]
+    return None
 
 
 def by_kind(h: np.ndarray, kinds: list[str] | None) -> dict[str, float]:
@@ -238,7 +248,7 @@ def seed_means(scored: dict[tuple, np.ndarray], achieved: dict[tuple, float], ag
 
 
 def kind_table(rows: list[dict]) -> str:
-    """Accuracy by NLVR statement kind, the dense model first."""
+    """Accuracy by NLVR statement or VQA question kind, the dense model first."""
     if not rows:
         return ""
     names = list(rows[0]["by_statement"])

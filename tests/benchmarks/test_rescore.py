@@ -57,3 +57,24 @@ def test_the_paired_bootstrap_interval_holds_the_difference():
     lo, hi = rescore.paired_bootstrap(a, b, n=2000)
     assert lo < 100 * (a.mean() - b.mean()) < hi
     assert rescore.paired_bootstrap(a, a, n=200) == (0.0, 0.0)
+
+
+def test_every_generated_question_and_statement_has_a_kind():
+    """The kind patterns follow the MiniVL templates: a template they miss would be 'other'."""
+    from mmprune.data.minivl import language
+    from mmprune.data.minivl.scenes import sample_scene
+
+    class Split(dict):
+        column_names = property(lambda self: list(self))
+
+    rng = np.random.default_rng(0)
+    questions = [language.question(sample_scene(rng), rng) for _ in range(600)]
+    statements = [language.statement(sample_scene(rng), sample_scene(rng), rng)[0] for _ in range(300)]
+    q_kinds = rescore.statement_kinds(Split(question=[q for q, _ in questions]))
+    s_kinds = rescore.statement_kinds(Split(statement=statements))
+    assert set(q_kinds) == {"count", "exists", "size", "where", "colour", "shape"}
+    assert set(s_kinds) == {"count", "colour count", "both", "one image"}
+    answers = {k: {a for (_, a), kind in zip(questions, q_kinds) if kind == k} for k in set(q_kinds)}
+    assert answers["exists"] == {"yes", "no"} and answers["size"] <= {"small", "large"}
+    assert answers["colour"] <= set(language.COLORS) and answers["shape"] <= set(language.SHAPES)
+    assert rescore.statement_kinds(Split(caption=["a red circle"])) is None
