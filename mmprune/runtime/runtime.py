@@ -173,7 +173,9 @@ class TokenRuntime:
                           layers: list[int] | None = None, score: str = "attention") -> None:
         """Sites for `mode` at θ = 0 (nothing dropped yet): every block of a managed tower, or the
         decoder's PyramidDrop boundaries round(L·{1/4, 1/2, 3/4}) (comp.md §4). `score` ranks a
-        managed tower's tokens (SiteControl.score); a decoder's sites rank by attention only."""
+        managed tower's tokens (SiteControl.score); a decoder's sites rank by attention only. A
+        managed tower whose sites already drop tokens keeps them and their θ; asking it for other
+        sites is an error (`_check_sites_kept`)."""
         if score not in SCORES:
             raise MMPruneError(f"token score must be one of {', '.join(SCORES)}, not {score!r}")
         if self.decoder is not None:
@@ -204,7 +206,8 @@ class TokenRuntime:
         t = self.towers[tower]
         have_layers = [i for i, c in enumerate(t.controls) if c.site is not None]
         have = t.controls[have_layers[0]].site
-        want_layers = list(range(len(t.controls))) if layers is None else sorted(layers)
+        # the blocks set_sites would give sites (it ignores repeated and out-of-range indices)
+        want_layers = [i for i in range(len(t.controls)) if layers is None or i in layers]
         diffs = [f"{name} {h!r} (asked {w!r})" for name, h, w in (
             ("score", have.score, asked.score), ("floor", have.min_keep_frac, asked.min_keep_frac),
             ("merge", have.merge, asked.merge), ("layers", have_layers, want_layers)) if h != w]

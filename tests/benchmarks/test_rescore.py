@@ -32,8 +32,19 @@ def test_a_run_is_paired_at_its_own_cut_before_its_own_target():
 def test_a_reference_at_its_own_target_and_cut_comes_first():
     scored, achieved = _runs()
     scored[("upop", 0.76, 0)] = scored[("upop", 0.8, 0)][::-1].copy()
-    achieved[("upop", 0.76, 0)] = 0.761
+    achieved[("upop", 0.76, 0)] = 0.766     # further from comp's 0.762 than upop@0.8's 0.760
     assert rescore.reference(("comp", 0.76, 0), scored, achieved, "upop", False) == ("upop", 0.76, 0)
+
+
+def test_a_reference_that_reached_the_cut_elsewhere_comes_before_one_that_stopped_short():
+    scored, achieved = _runs()
+    scored[("upop", 0.85, 1)] = scored[("upop", 0.8, 1)][::-1].copy()
+    achieved[("upop", 0.85, 1)] = 0.800
+    for across_cuts in (False, True):
+        assert rescore.reference(("comp", 0.8, 1), scored, achieved, "upop", across_cuts) == ("upop", 0.85, 1)
+    assert rescore.reference(("upop", 0.8, 1), scored, achieved, "upop", True) is None
+    # the 0.01 bar holds at its edge despite float subtraction
+    assert rescore.same_cut({"a": 0.77, "b": 0.76}, "a", "b")
 
 
 def test_seed_means_average_each_examples_hits_over_the_paired_seeds():
@@ -46,7 +57,7 @@ def test_seed_means_average_each_examples_hits_over_the_paired_seeds():
     cells = [c.strip() for c in lines[0].split("|")]
     assert cells[4] == f"{100 * a.mean():.2f}"
     assert cells[5].startswith(f"{100 * (a.mean() - b.mean()):+.2f} (")
-    assert cells[6] == "0.760, 0.760"
+    assert cells[6] == "0.760 (aimed at 0.8), 0.760 (aimed at 0.8)"
     both = rescore.seed_means(scored, achieved, "upop", across_cuts=True)
     assert "| comp | 0.8 | 0, 1 |" in both
 
@@ -77,4 +88,6 @@ def test_every_generated_question_and_statement_has_a_kind():
     answers = {k: {a for (_, a), kind in zip(questions, q_kinds) if kind == k} for k in set(q_kinds)}
     assert answers["exists"] == {"yes", "no"} and answers["size"] <= {"small", "large"}
     assert answers["colour"] <= set(language.COLORS) and answers["shape"] <= set(language.SHAPES)
+    assert answers["count"] <= set(language.NUMBERS)
+    assert answers["where"] <= {p.replace(" ", "_") for p in language.POSITIONS}
     assert rescore.statement_kinds(Split(caption=["a red circle"])) is None

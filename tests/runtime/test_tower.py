@@ -310,3 +310,10 @@ def test_token_sites_already_dropping_are_continued_and_other_sites_are_refused(
     with pytest.raises(MMPruneError, match=r"floor 0\.05 \(asked 0\.1\)"):
         rt.enable_token_mode("vision_tokens", 0.1, layers=[0], score="distinct")
     assert rt.mode_theta("vision_tokens") == 1.5 and rt.policy()["towers"]["vision"]["layers"] == [0]
+    rt.enable_token_mode("vision_tokens", 0.05, layers=[0, 0, 99], score="distinct")   # as set_sites reads it
+    # a causal tower only drops: asking it to merge again is what it was asked the first time
+    assert adapter.managed_towers()[1].causal
+    rt.enable_token_mode("language_tokens", 0.05, merge=True)
+    rt.set_mode_theta("language_tokens", 0.5)
+    rt.enable_token_mode("language_tokens", 0.05, merge=True)
+    assert rt.mode_theta("language_tokens") == 0.5 and not rt.policy()["towers"]["language"]["merge"]
