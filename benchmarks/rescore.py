@@ -189,7 +189,7 @@ def main() -> None:
     for r in rows:
         own = (r["method"], r["flops_reduction"], r["seed"])
         key = reference(own, scored, achieved, args.against, args.across_cuts)
-        if key is not None and r["method"] != args.against:
+        if key is not None:
             lo, hi = paired_bootstrap(scored[own], scored[key])
             r[f"minus_{args.against}"] = round(r["value"] - 100 * scored[key].mean(), 2)
             r[f"minus_{args.against}_ci95"] = [round(lo, 2), round(hi, 2)]

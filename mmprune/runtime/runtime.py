@@ -156,6 +156,10 @@ class TokenRuntime:
         for i, ctl in enumerate(t.controls):
             ctl.site = site if layers is None or i in layers else None
 
+    def _site_layers(self, tower: str) -> list[int]:
+        """The blocks of a managed tower that have a token site."""
+        return [i for i, c in enumerate(self.towers[tower].controls) if c.site is not None]
+
     def theta(self, tower: str) -> float:
         """θ of `tower`'s sites (0 for a tower without sites, or handed back)."""
         sites = [c.site for c in self.towers[tower].controls if c.site is not None] \
@@ -204,7 +208,7 @@ class TokenRuntime:
         """Sites already dropping tokens (an earlier pass, a loaded export) are continued from
         their θ; asking for other sites would be silently ignored, so it is an error."""
         t = self.towers[tower]
-        have_layers = [i for i, c in enumerate(t.controls) if c.site is not None]
+        have_layers = self._site_layers(tower)
         have = t.controls[have_layers[0]].site
         # the blocks set_sites would give sites (it ignores repeated and out-of-range indices)
         want_layers = [i for i in range(len(t.controls)) if layers is None or i in layers]
@@ -298,7 +302,7 @@ class TokenRuntime:
     def policy(self) -> dict[str, Any]:
         towers = {}
         for name, t in self.towers.items():
-            layers = [i for i, c in enumerate(t.controls) if c.site is not None]
+            layers = self._site_layers(name)
             if layers:
                 towers[name] = {"layers": layers, **asdict(t.controls[layers[0]].site)}
         return {"head_reduce": next(iter(self.towers.values())).head_reduce if self.towers else "max",
